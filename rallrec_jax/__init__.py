@@ -1,0 +1,3 @@
+"""RALLRec in JAX/Flax: retrieval-augmented LLM recommendation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,44 @@
+"""Atomic writes: readers see the old artifact or the new one, never half of one."""
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def write_text(path, text):
+  """Write `text` to `path` through a temporary file in the same folder, then rename."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+@contextlib.contextmanager
+def directory(path):
+  """Yield a temporary folder beside `path`; on success it replaces `path` whole.
+
+  On any exception the temporary folder is removed and an existing `path` is left untouched.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if path.exists():
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    os.replace(path, old)
+  os.replace(tmp, path)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)

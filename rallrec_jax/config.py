@@ -1,0 +1,151 @@
+"""Helpers shared by the experiment configs: the base config, `arg` parsing and validation.
+
+Every config in configs/ starts from `base_config()`, sets what its experiment needs and is
+checked by `validate()` before any heavy work. Keys are fixed (the config is locked): an
+unknown key is an error naming it.
+"""
+import math
+from pathlib import Path
+
+import ml_collections
+
+DATASETS = ("synthetic", "ml100k", "ml1m", "bookcrossing", "amazon_movies")
+SOURCES = ("files", "tfds")
+UNKNOWN_ID_POLICIES = ("error", "drop")
+
+
+class ConfigError(ValueError):
+  """A config key has a bad value; the message names the key and the fix."""
+
+
+def _error(key, message):
+  return ConfigError(f"config key {key}: {message}")
+
+
+def base_config():
+  """Every key a run can set, with the paper's defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 42
+
+  c.data = d = ml_collections.ConfigDict()
+  d.name = "synthetic"
+  d.source = "files"          # "files": our parsers; "tfds": tensorflow-datasets (MovieLens)
+  d.path = ""                 # folder or original zip of the raw files
+  d.encoding = "latin-1"      # of the raw text files (MovieLens, BookCrossing)
+  d.unknown_ids = "error"     # a rating naming an item/user missing from its file: error | drop
+  d.min_history = 5           # a sample needs at least this many earlier ratings of its user
+  d.max_history = 0           # later stages see at most this many recent history items (0: all)
+  d.label_threshold = 3.0     # label = rating > threshold
+  d.split = (0.8, 0.1, 0.1)   # train / valid / test ratios
+  d.seed = 42                 # shuffling (BookCrossing timelines and split)
+  d.amazon = ml_collections.ConfigDict(dict(
+      category="Movies_and_TV", user_min=11, user_max=200, item_min=10, item_max=200,
+      top_items=5000))
+  d.synthetic = ml_collections.ConfigDict(dict(
+      num_users=300, num_items=200, num_ratings=12000, num_clusters=6, drift=0.8, seed=0))
+
+  c.retrieval = r = ml_collections.ConfigDict()
+  r.k = 30                    # history items per prompt
+  return c
+
+
+def parse_arg(arg, defaults):
+  """Parse a config `arg` string "k1=v1,k2=v2" into a ConfigDict over `defaults`.
+
+  Values take the type of their default (bool accepts true/false/1/0). An unknown key is a
+  ConfigError that lists the known ones.
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return out
+  for part in arg.split(","):
+    if not part.strip():
+      continue
+    if "=" not in part:
+      raise _error(f"arg {part!r}", "config args are key=value pairs separated by commas, "
+                        f"e.g. path=/data/ml-1m")
+    key, value = (s.strip() for s in part.split("=", 1))
+    if key not in defaults:
+      raise _error(f"arg {key!r}", f"unknown; this config takes {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise _error(f"arg {key!r}", f"expects true or false, got {value!r}")
+      out[key] = value.lower() in ("true", "1")
+    elif isinstance(default, (int, float)):
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        raise _error(f"arg {key!r}", f"expects a {type(default).__name__}, got {value!r}") from None
+    else:
+      out[key] = value
+  return out
+
+
+def apply_overrides(cfg, overrides):
+  """Set dotted keys (`{"retrieval.k": 20}`) on a copy of `cfg`; unknown keys are errors."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  for key, value in overrides.items():
+    node = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise _error(key, f"unknown key {'.'.join(parts[:i + 1])!r}")
+      if i < len(parts) - 1:
+        node = node[part]
+    node[parts[-1]] = value
+  return cfg
+
+
+def _check(ok, key, message):
+  if not ok:
+    raise _error(key, message)
+
+
+def validate(cfg):
+  """Raise ConfigError on the first bad value, naming its key and the fix."""
+  d = cfg.data
+  _check(d.name in DATASETS, "data.name", f"unknown dataset {d.name!r}; choose one of {DATASETS}")
+  _check(d.source in SOURCES, "data.source", f"{d.source!r} is not one of {SOURCES}")
+  if d.source == "tfds":
+    from rallrec_jax.data import tfds_source  # pylint: disable=import-outside-toplevel
+    _check(d.name in tfds_source.TFDS_NAMES, "data.source",
+           f"'tfds' serves MovieLens only (ml100k, ml1m), not {d.name!r}; use data.source='files'")
+    _check(tfds_source.tensorflow_available(), "data.source", tfds_source.MISSING_TF)
+  elif d.name != "synthetic":
+    _check(bool(d.path), "data.path",
+           f"dataset {d.name!r} needs its raw files: pass configs/{d.name}.py:path=DIR "
+           f"or --config.data.path=DIR")
+    _check(Path(d.path).expanduser().exists(), "data.path",
+           f"{d.path} does not exist; point it at the folder (or zip) holding the raw files")
+  _check(d.unknown_ids in UNKNOWN_ID_POLICIES, "data.unknown_ids",
+         f"{d.unknown_ids!r} is not one of {UNKNOWN_ID_POLICIES}")
+  _check(isinstance(d.min_history, int) and d.min_history >= 0, "data.min_history",
+         f"must be an integer >= 0, got {d.min_history!r}")
+  _check(isinstance(d.max_history, int) and d.max_history >= 0, "data.max_history",
+         f"must be an integer >= 0 (0 keeps the whole history), got {d.max_history!r}")
+  _check(isinstance(d.label_threshold, (int, float)) and math.isfinite(d.label_threshold),
+         "data.label_threshold", f"must be a number, got {d.label_threshold!r}")
+  split = tuple(d.split)
+  _check(len(split) == 3 and all(isinstance(x, (int, float)) and x >= 0 for x in split),
+         "data.split", f"must be three ratios >= 0 (train, valid, test), got {split!r}")
+  _check(abs(sum(split) - 1.0) < 1e-6, "data.split",
+         f"ratios {split!r} sum to {sum(split):g}; they must sum to 1, e.g. (0.8, 0.1, 0.1)")
+  for key in ("user_min", "user_max", "item_min", "item_max", "top_items"):
+    value = d.amazon[key]
+    _check(isinstance(value, int) and value >= 0, f"data.amazon.{key}",
+           f"must be an integer >= 0, got {value!r}")
+  _check(d.amazon.user_min <= d.amazon.user_max, "data.amazon.user_min",
+         f"{d.amazon.user_min} exceeds data.amazon.user_max={d.amazon.user_max}")
+  _check(d.amazon.item_min <= d.amazon.item_max, "data.amazon.item_min",
+         f"{d.amazon.item_min} exceeds data.amazon.item_max={d.amazon.item_max}")
+  for key in ("num_users", "num_items", "num_ratings", "num_clusters"):
+    value = d.synthetic[key]
+    _check(isinstance(value, int) and value > 0, f"data.synthetic.{key}",
+           f"must be a positive integer, got {value!r}")
+  _check(0.0 <= d.synthetic.drift <= 1.0, "data.synthetic.drift",
+         f"must lie in [0, 1], got {d.synthetic.drift!r}")
+  k = cfg.retrieval.k
+  _check(isinstance(k, int) and k > 0, "retrieval.k",
+         f"must be a positive integer (history items per prompt; the paper uses 30), got {k!r}")
+  return cfg

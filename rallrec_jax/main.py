@@ -1,0 +1,72 @@
+"""Run RALLRec stages on a workdir.
+
+  python -m rallrec_jax.main --config configs/ml100k.py:path=DATA --workdir W [--stages a,b]
+
+Any config leaf can be overridden, e.g. --config.retrieval.k=20. Stages run in this order;
+each one whose inputs and config are unchanged since its last run is skipped:
+
+{stages}
+"""
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from rallrec_jax import pipeline
+from rallrec_jax.config import ConfigError
+from rallrec_jax.data import DataError
+
+__doc__ = __doc__.format(stages=pipeline.describe_stages())
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, optionally with an arg: configs/ml1m.py:path=DIR.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for every artifact of the run.")
+_STAGES = flags.DEFINE_list(
+    "stages", None, "Comma-separated stages to run (default: all). Stages: "
+    + ", ".join(pipeline.STAGES) + ".")
+_FORCE = flags.DEFINE_bool("force", False, "Rerun the selected stages even when up to date.")
+
+
+def _fail(message):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl flag parsing, with config mistakes reported as one line naming the key."""
+  if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
+    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    cause = e
+    while cause is not None and not isinstance(cause, ConfigError):
+      cause = cause.__cause__ or cause.__context__
+    if cause is None:
+      _fail(f"{e}\nPass --help for usage.")
+    # config_flags re-raises errors of get_config with the traceback in the message.
+    _fail(str(cause).strip().splitlines()[-1].split("ConfigError: ", 1)[-1])
+  except (AttributeError, KeyError) as e:
+    bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    _fail(f"config key {', '.join(bad) or '?'}: unknown key ({e}); the keys are those of "
+          f"rallrec_jax/config.py:base_config")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  absl_logging.get_absl_handler().setFormatter(
+      logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+  try:
+    status = pipeline.run(_CONFIG.value, _WORKDIR.value, stages=_STAGES.value, force=_FORCE.value)
+  except (ConfigError, DataError, pipeline.PipelineError) as e:
+    _fail(e)
+  print(" ".join(f"{name}={state}" for name, state in status.items()))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main, flags_parser=parse_flags)

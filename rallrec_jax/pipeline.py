@@ -1,0 +1,183 @@
+"""The stage graph: which stages exist, what each reads and writes, and when to skip one.
+
+A stage is a function `run(cfg, workdir)` that reads the config and earlier artifacts and
+writes its own artifacts atomically. After it finishes, `W/manifests/{stage}.json` records
+the config subtrees it used, the fingerprints of its external inputs (raw files), the output
+fingerprints of the stages it depends on, and the fingerprints of its outputs. A rerun skips a
+stage whose manifest still matches and whose outputs are unchanged.
+"""
+import dataclasses
+import hashlib
+import json
+import logging
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable
+
+from rallrec_jax import atomic
+from rallrec_jax import config as config_lib
+from rallrec_jax import data
+
+log = logging.getLogger("rallrec_jax")
+
+_CHUNK = 1 << 20
+
+
+class PipelineError(RuntimeError):
+  """A stage cannot run as asked (a missing or stale upstream artifact, an unknown stage)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  help: str                        # what it does and writes, for --help
+  run: Callable                    # run(cfg, workdir)
+  config_keys: tuple = ()          # config subtrees that decide its outputs
+  deps: tuple = ()                 # stages whose artifacts it reads
+  outputs: tuple = ()              # workdir-relative paths it writes
+  external_inputs: Callable = lambda cfg: []   # raw files it reads
+  version: int = 1                 # bump when the stage's code changes its outputs
+
+
+def _prepare(cfg, workdir):
+  dataset = data.prepare(cfg.data)
+  data.save(dataset, Path(workdir) / "data")
+  m = dataset.meta
+  log.info("prepare: %s: %d users, %d items, %d ratings; samples %s", m["name"], m["num_users"],
+           m["num_items"], m["num_ratings"],
+           " / ".join(f"{k} {v:,}" for k, v in m["splits"].items()))
+  for note in m["notes"]:
+    log.info("prepare: %s", note)
+
+
+STAGES = {}
+
+
+def register(stage):
+  if stage.name in STAGES:
+    raise ValueError(f"stage {stage.name!r} registered twice")
+  for dep in stage.deps:
+    if dep not in STAGES:
+      raise ValueError(f"stage {stage.name!r} depends on unregistered {dep!r}")
+  STAGES[stage.name] = stage
+  return stage
+
+
+register(Stage(
+    name="prepare",
+    help="load the raw dataset and build the canonical one: writes data/ (items.jsonl, "
+         "users.jsonl, timelines.npz, samples_{train,valid,test}.npz, meta.json)",
+    run=_prepare, config_keys=("data",), outputs=("data",),
+    external_inputs=lambda cfg: data.input_files(cfg.data)))
+
+
+def describe_stages():
+  """One line per stage, in run order."""
+  width = max(len(n) for n in STAGES)
+  return "\n".join(textwrap.fill(s.help, 96, initial_indent=f"  {s.name:<{width}}  ",
+                                 subsequent_indent=" " * (width + 4))
+                   for s in STAGES.values())
+
+
+def fingerprint(path):
+  """sha256 of a file's bytes, or of a folder's sorted (relative path, file hash) pairs."""
+  path = Path(path)
+  h = hashlib.sha256()
+  if path.is_dir():
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+      h.update(f"{f.relative_to(path).as_posix()}\0{fingerprint(f)}\0".encode())
+    return h.hexdigest()
+  with open(path, "rb") as f:
+    while block := f.read(_CHUNK):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _subtree(cfg, key):
+  node = cfg
+  for part in key.split("."):
+    node = node[part]
+  return node.to_dict() if hasattr(node, "to_dict") else node
+
+
+def _manifest_path(workdir, name):
+  return Path(workdir) / "manifests" / f"{name}.json"
+
+
+def read_manifest(workdir, name):
+  path = _manifest_path(workdir, name)
+  if not path.is_file():
+    return None
+  return json.loads(path.read_text())
+
+
+def _expected(stage, cfg, workdir):
+  """The manifest fields that must match for `stage` to be up to date."""
+  deps = {}
+  for dep in stage.deps:
+    manifest = read_manifest(workdir, dep)
+    if manifest is None:
+      raise PipelineError(f"stage {stage.name!r} needs the artifacts of {dep!r}, which has not "
+                          f"run in {workdir}: add {dep} to --stages")
+    if not _is_current(STAGES[dep], workdir, manifest, _expected(STAGES[dep], cfg, workdir)):
+      raise PipelineError(f"stage {stage.name!r} needs {dep!r}, whose artifacts in {workdir} are "
+                          f"out of date for this config: add {dep} to --stages")
+    deps[dep] = manifest["outputs"]
+  inputs = {str(p): fingerprint(p) for p in stage.external_inputs(cfg)}
+  # A round trip through JSON so tuples and lists compare equal to a stored manifest.
+  config = json.loads(json.dumps({k: _subtree(cfg, k) for k in stage.config_keys}))
+  return {"stage": stage.name, "version": stage.version, "config": config, "inputs": inputs,
+          "deps": deps}
+
+
+def _outputs(stage, workdir):
+  return {out: fingerprint(Path(workdir) / out) for out in stage.outputs
+          if (Path(workdir) / out).exists()}
+
+
+def _is_current(stage, workdir, manifest, expected):
+  if manifest is None:
+    return False
+  if any(manifest.get(k) != v for k, v in expected.items()):
+    return False
+  outputs = _outputs(stage, workdir)
+  return len(outputs) == len(stage.outputs) and outputs == manifest.get("outputs")
+
+
+def select(names):
+  """Stages to run, in registry order; None means all."""
+  if not names:
+    return list(STAGES.values())
+  unknown = [n for n in names if n not in STAGES]
+  if unknown:
+    raise PipelineError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
+  return [s for s in STAGES.values() if s.name in names]
+
+
+def run(cfg, workdir, stages=None, force=False):
+  """Run the selected stages in order, skipping those already up to date (unless `force`).
+
+  Returns {stage name: "ran" | "skipped"}.
+  """
+  config_lib.validate(cfg)
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2) + "\n")
+  status = {}
+  for stage in select(stages):
+    expected = _expected(stage, cfg, workdir)
+    if not force and _is_current(stage, workdir, read_manifest(workdir, stage.name), expected):
+      log.info("%s: up to date, skipped (pass --force to rerun)", stage.name)
+      status[stage.name] = "skipped"
+      continue
+    log.info("%s: running", stage.name)
+    start = time.time()
+    stage.run(cfg, workdir)
+    manifest = dict(expected, outputs=_outputs(stage, workdir),
+                    seconds=round(time.time() - start, 3),
+                    finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    atomic.write_text(_manifest_path(workdir, stage.name), json.dumps(manifest, indent=1) + "\n")
+    log.info("%s: done in %.1f s", stage.name, manifest["seconds"])
+    status[stage.name] = "ran"
+  return status

@@ -1,0 +1,106 @@
+"""Configs: arg parsing, overrides, and validation errors that name the key."""
+import importlib.util
+
+import pytest
+
+from rallrec_jax import config as config_lib
+from tests.conftest import REPO
+
+CONFIGS = ("quickstart", "ml100k", "ml1m", "bookcrossing", "amazon_movies")
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_validates_and_documents_its_command(name, tmp_path):
+  arg = None if name == "quickstart" else f"path={tmp_path}"
+  cfg = load_config(name, arg)
+  config_lib.validate(cfg)
+  assert cfg.data.name == ("synthetic" if name == "quickstart" else name)
+  module_doc = (REPO / "configs" / f"{name}.py").read_text().split('"""')[1]
+  assert "python -m rallrec_jax.main --config configs/" + name in module_doc
+
+
+def test_paper_settings():
+  ml1m = load_config("ml1m", "path=/x")
+  assert (ml1m.data.min_history, ml1m.data.label_threshold, tuple(ml1m.data.split)) == (
+      5, 3.0, (0.8, 0.1, 0.1))
+  bx = load_config("bookcrossing", "path=/x")
+  assert bx.data.label_threshold == 4.0 and bx.data.min_history == 4 and bx.data.seed == 42
+  az = load_config("amazon_movies", "path=/x")
+  assert (az.data.amazon.user_min, az.data.amazon.user_max, az.data.amazon.item_min,
+          az.data.amazon.item_max, az.data.amazon.top_items) == (11, 200, 10, 200, 5000)
+  assert ml1m.retrieval.k == 30
+
+
+def test_parse_arg_types_and_unknown_keys():
+  arg = config_lib.parse_arg("path=/d, runlocal=true,n=3", {"path": "", "runlocal": False, "n": 1})
+  assert (arg.path, arg.runlocal, arg.n) == ("/d", True, 3)
+  with pytest.raises(config_lib.ConfigError, match=r"arg 'pth'.*\['n', 'path'\]"):
+    config_lib.parse_arg("pth=/d", {"path": "", "n": 1})
+  with pytest.raises(config_lib.ConfigError, match="expects a int"):
+    config_lib.parse_arg("n=three", {"n": 1})
+  with pytest.raises(config_lib.ConfigError, match="key=value"):
+    config_lib.parse_arg("justpath", {"path": ""})
+
+
+def test_quickstart_runlocal_shrinks_the_data():
+  full, small = load_config("quickstart"), load_config("quickstart", "runlocal=true")
+  assert small.data.synthetic.num_ratings < full.data.synthetic.num_ratings
+
+
+def test_overrides_set_leaves_and_reject_unknown_keys():
+  cfg = config_lib.apply_overrides(config_lib.base_config(), {"retrieval.k": 20,
+                                                              "data.amazon.top_items": 10})
+  assert cfg.retrieval.k == 20 and cfg.data.amazon.top_items == 10
+  with pytest.raises(config_lib.ConfigError, match="data.amazon.top_itemz"):
+    config_lib.apply_overrides(cfg, {"data.amazon.top_itemz": 1})
+  with pytest.raises(config_lib.ConfigError, match="'model'"):
+    config_lib.apply_overrides(cfg, {"model.size": 1})
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("retrieval.k", -1, "retrieval.k: must be a positive integer"),
+    ("retrieval.k", 0, "retrieval.k: must be a positive integer"),
+    ("data.split", (0.8, 0.2, 0.1), "data.split: ratios .* sum to 1.1"),
+    ("data.split", (0.9, 0.1), "data.split: must be three ratios"),
+    ("data.split", (1.1, -0.1, 0.0), "data.split: must be three ratios >= 0"),
+    ("data.name", "ml2m", "data.name: unknown dataset 'ml2m'"),
+    ("data.source", "kaggle", "data.source: 'kaggle' is not one of"),
+    ("data.min_history", -2, "data.min_history: must be an integer >= 0"),
+    ("data.max_history", -1, "data.max_history"),
+    ("data.unknown_ids", "ignore", "data.unknown_ids"),
+    ("data.amazon.user_min", 300, "data.amazon.user_min: 300 exceeds"),
+    ("data.synthetic.num_users", 0, "data.synthetic.num_users: must be a positive integer"),
+    ("data.synthetic.drift", 1.5, "data.synthetic.drift"),
+])
+def test_invalid_values_name_the_key(key, value, message):
+  cfg = config_lib.apply_overrides(config_lib.base_config(), {key: value})
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(cfg)
+
+
+def test_missing_data_path_says_how_to_set_it(tmp_path):
+  cfg = load_config("ml1m")
+  with pytest.raises(config_lib.ConfigError, match=r"data.path: .*configs/ml1m.py:path=DIR"):
+    config_lib.validate(cfg)
+  cfg = load_config("ml1m", f"path={tmp_path / 'nowhere'}")
+  with pytest.raises(config_lib.ConfigError, match=r"data.path: .*nowhere does not exist"):
+    config_lib.validate(cfg)
+
+
+def test_tfds_source_without_tensorflow_is_a_clear_error(tmp_path):
+  if importlib.util.find_spec("tensorflow") is not None:
+    pytest.skip("TensorFlow is installed here")
+  cfg = load_config("ml100k", "source=tfds")
+  with pytest.raises(config_lib.ConfigError, match="data.source: .*needs TensorFlow.*pip install"):
+    config_lib.validate(cfg)
+  cfg = load_config("bookcrossing", f"path={tmp_path}")
+  cfg.data.source = "tfds"
+  with pytest.raises(config_lib.ConfigError, match="MovieLens only"):
+    config_lib.validate(cfg)

@@ -1,0 +1,108 @@
+"""The stage graph: manifests, skipping up-to-date stages, rerunning changed ones, the CLI."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rallrec_jax import config as config_lib
+from rallrec_jax import pipeline
+from tests.conftest import REPO
+from tests.test_movielens import random_ratings, write_ml1m
+
+
+def ml1m_config(folder):
+  cfg = config_lib.base_config()
+  cfg.data.name, cfg.data.path = "ml1m", str(folder)
+  return cfg
+
+
+@pytest.fixture
+def folder(tmp_path):
+  return write_ml1m(tmp_path / "ml-1m", random_ratings())
+
+
+def test_manifest_skip_and_rerun(tmp_path, folder):
+  workdir = tmp_path / "w"
+  cfg = ml1m_config(folder)
+  assert pipeline.run(cfg, workdir) == {"prepare": "ran"}
+  manifest = pipeline.read_manifest(workdir, "prepare")
+  assert manifest["config"]["data"]["path"] == str(folder)
+  assert set(manifest["inputs"]) == {str(folder / n) for n in ("ratings.dat", "movies.dat",
+                                                               "users.dat")}
+  assert manifest["outputs"]["data"] == pipeline.fingerprint(workdir / "data")
+  assert json.loads((workdir / "config.json").read_text())["data"]["name"] == "ml1m"
+
+  assert pipeline.run(cfg, workdir) == {"prepare": "skipped"}
+  assert pipeline.run(cfg, workdir, force=True) == {"prepare": "ran"}
+
+  cfg.data.min_history = 4
+  assert pipeline.run(cfg, workdir) == {"prepare": "ran"}
+  assert pipeline.run(cfg, workdir) == {"prepare": "skipped"}
+
+  with open(folder / "ratings.dat", "ab") as f:
+    f.write(b"1::1::5::978400000\n")
+  assert pipeline.run(cfg, workdir) == {"prepare": "ran"}
+
+  (workdir / "data" / "meta.json").unlink()
+  assert pipeline.run(cfg, workdir) == {"prepare": "ran"}
+  assert (workdir / "data" / "meta.json").is_file()
+
+
+def test_downstream_stage_needs_a_current_upstream(tmp_path, folder, monkeypatch):
+  calls = []
+
+  def count_items(cfg, workdir):
+    calls.append(cfg.retrieval.k)
+    n = json.loads((workdir / "data" / "meta.json").read_text())["num_items"]
+    (workdir / "count.txt").write_text(str(n))
+
+  monkeypatch.setattr(pipeline, "STAGES", dict(pipeline.STAGES))
+  pipeline.register(pipeline.Stage(name="count", help="writes count.txt", run=count_items,
+                                   config_keys=("retrieval",), deps=("prepare",),
+                                   outputs=("count.txt",)))
+  workdir = tmp_path / "w"
+  cfg = ml1m_config(folder)
+  with pytest.raises(pipeline.PipelineError, match="needs the artifacts of 'prepare'.*--stages"):
+    pipeline.run(cfg, workdir, stages=["count"])
+  assert pipeline.run(cfg, workdir) == {"prepare": "ran", "count": "ran"}
+  assert pipeline.run(cfg, workdir, stages=["count"]) == {"count": "skipped"}
+  cfg.retrieval.k = 7
+  assert pipeline.run(cfg, workdir, stages=["count"]) == {"count": "ran"}
+  assert calls == [30, 7]
+  cfg.data.min_history = 3
+  with pytest.raises(pipeline.PipelineError, match="'prepare', whose artifacts .* out of date"):
+    pipeline.run(cfg, workdir, stages=["count"])
+  assert pipeline.run(cfg, workdir) == {"prepare": "ran", "count": "ran"}
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "rallrec_jax.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_the_stages_and_what_they_write():
+  out = _cli("--help")
+  assert out.returncode == 0
+  for name, stage in pipeline.STAGES.items():
+    assert name in out.stdout
+  assert "writes data/" in " ".join(out.stdout.split())
+
+
+def test_cli_runs_and_reports_config_mistakes(tmp_path, folder):
+  ok = _cli("--config", f"configs/ml1m.py:path={folder}", "--workdir", str(tmp_path / "w"))
+  assert ok.returncode == 0 and ok.stdout.strip() == "prepare=ran", ok.stderr
+  cases = [
+      (["--config", f"configs/ml1m.py:path={folder}", "--config.data.nmae=x"],
+       "config key --config.data.nmae: unknown key"),
+      (["--config", "configs/ml1m.py:pth=/x"], "config key arg 'pth': unknown"),
+      (["--config", f"configs/ml1m.py:path={folder}", "--config.retrieval.k=-3"],
+       "config key retrieval.k: must be a positive integer"),
+      (["--config", "configs/ml1m.py"], "config key data.path"),
+      (["--config", f"configs/ml1m.py:path={folder}", "--stages", "prepare,trian"],
+       "unknown stage(s) ['trian']"),
+  ]
+  for args, message in cases:
+    out = _cli(*args, "--workdir", str(tmp_path / "w2"))
+    assert out.returncode == 2, (args, out.stderr)
+    assert message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
