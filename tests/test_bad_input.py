@@ -26,11 +26,11 @@ CASES = {
     "wrong column count": (lambda f: _replace_line(f / "ratings.dat", 5, b"1::2::3"),
                            r"ratings.dat:5: expected 4 fields"),
     "non-numeric rating": (lambda f: _replace_line(f / "ratings.dat", 4, b"1::2::four::978300000"),
-                           r"ratings.dat:4: rating is not a number: 'four'"),
+                           r"ratings.dat:4: rating is not an integer: 'four'"),
     "non-numeric timestamp": (lambda f: _replace_line(f / "ratings.dat", 6, b"1::2::4::yesterday"),
-                              r"ratings.dat:6: timestamp is not a number"),
+                              r"ratings.dat:6: timestamp is not an integer"),
     "fractional id": (lambda f: _replace_line(f / "ratings.dat", 3, b"1.5::2::4::978300000"),
-                      r"ratings.dat:3: user id must be a whole number"),
+                      r"ratings.dat:3: user is not an integer"),
     "unknown item": (lambda f: _replace_line(f / "ratings.dat", 2, b"1::77::4::978300000"),
                      r"ratings.dat:2: rating names unknown item 77"),
     "unknown user": (lambda f: _replace_line(f / "ratings.dat", 9, b"42::1::4::978300000"),
@@ -40,7 +40,7 @@ CASES = {
     "empty movies": (lambda f: (f / "movies.dat").write_bytes(b"\n"), r"movies.dat: file is empty"),
     "missing file": (lambda f: (f / "users.dat").unlink(), r"users.dat: missing file 'users.dat'"),
     "non-ascii byte in ratings": (lambda f: _replace_line(f / "ratings.dat", 7, b"1::2::\xe9::97830"),
-                                  r"ratings.dat:7: rating is not a number"),
+                                  r"ratings.dat:7: rating is not an integer"),
     "movies field count": (lambda f: _replace_line(f / "movies.dat", 2, b"2::Heat (1995)"),
                            r"movies.dat:2: expected 3 fields separated by '::', found 2"),
     "duplicate movie": (lambda f: _replace_line(f / "movies.dat", 3, b"1::Again (1999)::Drama"),
@@ -116,7 +116,7 @@ def test_failed_prepare_keeps_the_earlier_dataset(tmp_path, ml1m_folder):
   _replace_line(ml1m_folder / "ratings.dat", 4, b"1::2::four::978300000")
   bad = _run_cli(f"configs/ml1m.py:path={ml1m_folder}", workdir)
   assert bad.returncode == 2
-  assert "ratings.dat:4: rating is not a number" in bad.stderr
+  assert "ratings.dat:4: rating is not an integer" in bad.stderr
   assert "Traceback" not in bad.stderr
   after = _tree(workdir)
   assert {k: v for k, v in after.items() if k != "config.json"} == {

@@ -16,8 +16,26 @@ SAMPLINGS = ("chronological", "per_user_random")
 
 def _canonical(ids):
   """Sorted unique raw ids and each row's canonical id."""
+  if np.issubdtype(ids.dtype, np.integer) and len(ids):
+    low, high = int(ids.min()), int(ids.max())
+    if high - low <= 4 * len(ids) + (1 << 20):
+      # Small id ranges (MovieLens, BookCrossing users): an O(n) table instead of a sort.
+      present = np.zeros(high - low + 1, bool)
+      present[ids - low] = True
+      rank = np.cumsum(present, dtype=np.int64) - 1
+      return np.flatnonzero(present) + low, rank[ids - low].astype(np.int32)
   uniq, idx = np.unique(ids, return_inverse=True)
   return uniq, idx.astype(np.int32)
+
+
+def _chronological_order(timestamp, user, item, num_users, num_items):
+  """Row order sorted by (timestamp, user, item)."""
+  span = int(timestamp.max()) - int(timestamp.min()) + 1
+  if span * num_users * num_items < (1 << 62):
+    # One sort of a combined int64 key is about three times faster than a 3-key lexsort.
+    key = ((timestamp - timestamp.min()) * num_users + user) * num_items + item
+    return np.argsort(key, kind="stable")
+  return np.lexsort((item, user, timestamp))
 
 
 def _timelines(user, item, rating, timestamp, num_users):
@@ -60,7 +78,8 @@ def build(raw, name, sampling, min_history, label_threshold, split, seed=42):
   rng = np.random.default_rng(seed)
 
   if sampling == "chronological":
-    order = np.lexsort((item, user, raw.timestamp))
+    order = _chronological_order(raw.timestamp.astype(np.int64), user.astype(np.int64),
+                                 item.astype(np.int64), len(user_ids), len(item_ids))
     u, it, r, ts = user[order], item[order], rating[order], raw.timestamp[order]
     timelines, pos = _timelines(u, it, r, ts, len(user_ids))
     keep = pos >= min_history

@@ -31,10 +31,8 @@ ML1M_FILES = ("ratings.dat", "movies.dat", "users.dat")
 
 def _ratings(source, name, sep, cfg, items, users):
   where = source.where(name)
-  table = raw.parse_numeric_table(source.read(name), where, sep, RATING_COLUMNS)
-  user = raw.check_integral(table[:, 0], where, "user id")
-  item = raw.check_integral(table[:, 1], where, "item id")
-  timestamp = raw.check_integral(table[:, 3], where, "timestamp")
+  table = raw.parse_numeric_table(source.read(name), where, sep, RATING_COLUMNS, dtype=np.int64)
+  user, item, timestamp = table[:, 0], table[:, 1], table[:, 3]
   rating = table[:, 2].astype(np.float32)
   keep = (raw.check_known(item, items.keys(), where, "item", cfg.unknown_ids)
           & raw.check_known(user, users.keys(), where, "user", cfg.unknown_ids))

@@ -121,8 +121,8 @@ def _strip_text(data):
   return data.rstrip(b"\n")
 
 
-def parse_numeric_table(data, where, sep, columns, header=False):
-  """Parse a table of numbers separated by `sep` into a float64 array [rows, len(columns)].
+def parse_numeric_table(data, where, sep, columns, header=False, dtype=np.float64):
+  """Parse a table of numbers separated by `sep` into an array [rows, len(columns)] of `dtype`.
 
   Vectorised: one pass of numpy's text parser over the whole file. Only when the quick checks
   fail is the file walked line by line, to name the first bad line.
@@ -141,16 +141,16 @@ def parse_numeric_table(data, where, sep, columns, header=False):
   if data.count(sep) == rows * (ncol - 1):
     text = data.replace(sep, b"\t") if sep != b"\t" else data
     try:
-      values = np.loadtxt(io.BytesIO(text), delimiter="\t", dtype=np.float64, ndmin=2,
+      values = np.loadtxt(io.BytesIO(text), delimiter="\t", dtype=dtype, ndmin=2,
                           comments=None)
     except ValueError:
       values = None
   if values is None or values.shape != (rows, ncol) or not np.isfinite(values).all():
-    _raise_first_bad_line(data, where, sep, columns, first)
+    _raise_first_bad_line(data, where, sep, columns, first, dtype)
   return values
 
 
-def _raise_first_bad_line(data, where, sep, columns, first):
+def _raise_first_bad_line(data, where, sep, columns, first, dtype):
   for i, line in enumerate(data.split(b"\n")):
     fields = line.split(sep)
     if len(fields) != len(columns):
@@ -158,11 +158,13 @@ def _raise_first_bad_line(data, where, sep, columns, first):
       raise DataError(where, f"expected {len(columns)} fields ({', '.join(columns)}) separated by "
                       f"{sep.decode()!r}, found {len(fields)} in {shown!r}", first + i)
     for name, field in zip(columns, fields):
+      integral = np.issubdtype(dtype, np.integer)
+      kind = "an integer" if integral else "a number"
       try:
-        if not math.isfinite(float(field)):
+        if not math.isfinite(int(field) if integral else float(field)):
           raise ValueError
       except ValueError:
-        raise DataError(where, f"{name} is not a number: {field[:40].decode('latin-1')!r}",
+        raise DataError(where, f"{name} is not {kind}: {field[:40].decode('latin-1')!r}",
                         first + i) from None
   raise DataError(where, "could not parse the file as a numeric table")
 

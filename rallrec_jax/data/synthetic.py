@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rallrec_jax.data.movielens import ML1M_OCCUPATIONS
 from rallrec_jax.data.raw import RawData
 
 START = 946684800                  # 2000-01-01 00:00:00 UTC, where user activity starts
@@ -68,11 +69,7 @@ GENDERS = ("M", "F")
 GENDER_SHARES = (0.72, 0.28)
 AGES = (1, 18, 25, 35, 45, 50, 56)   # MovieLens 1M age codes and their shares
 AGE_SHARES = (0.037, 0.183, 0.347, 0.198, 0.091, 0.082, 0.062)
-OCCUPATIONS = (   # MovieLens 1M occupations; the index is the code in users.dat
-    "other", "academic/educator", "artist", "clerical/admin", "college/grad student",
-    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
-    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
-    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer")
+OCCUPATIONS = ML1M_OCCUPATIONS   # the index is the code in users.dat
 
 
 @dataclasses.dataclass
@@ -113,15 +110,17 @@ def generate_with_truth(num_users, num_items, num_ratings, num_clusters, drift, 
   taste = rng.normal(0.0, TASTE_SD, (num_users, num_clusters))
   quality = rng.normal(0.0, QUALITY_SD, num_items)
   popularity = rng.normal(0.0, 1.0, num_items) + quality / QUALITY_SD
+  bias = rng.normal(0.0, BIAS_SD, num_users)
   counts = _ratings_per_user(rng, num_users, num_items, num_ratings)
-  liking = taste + _preference(home, second, np.arange(num_clusters), drift, 0.5)
-  user, item = _choose_items(rng, counts, popularity + CHOICE_WEIGHT * liking[:, item_cluster])
+  # What a user picks follows their liking at the middle of their span (the average preference).
+  liking = taste + _preference(home[:, None], second[:, None], np.arange(num_clusters), drift, 0.5)
+  user, item = _choose_items(rng, counts, popularity, CHOICE_WEIGHT * liking, item_cluster)
   pos, item = _order_timelines(rng, user, item, counts, item_cluster[item] == home[user],
                                item_cluster[item] == second[user], drift)
   frac, timestamp = _times(rng, user, pos, counts)
   cluster = item_cluster[item]
   score = (PREFERENCE_WEIGHT * _preference(home[user], second[user], cluster, drift, frac)
-           + taste[user, cluster] + quality[item] + rng.normal(0.0, BIAS_SD, num_users)[user]
+           + taste[user, cluster] + quality[item] + bias[user]
            + rng.normal(0.0, NOISE_SD, len(user)))
   names = cluster_names(num_clusters)
   raw = RawData(user=user + 1, item=item + 1, rating=_stars(score), timestamp=timestamp,
@@ -130,6 +129,7 @@ def generate_with_truth(num_users, num_items, num_ratings, num_clusters, drift, 
 
 
 def _check_sizes(num_users, num_items, num_ratings, num_clusters, drift):
+  """Refuse sizes that cannot be generated, naming the broken limit."""
   sizes = dict(num_users=num_users, num_items=num_items, num_ratings=num_ratings,
                num_clusters=num_clusters)
   for name, value in sizes.items():
@@ -161,19 +161,19 @@ def _ratings_per_user(rng, num_users, num_items, num_ratings):
   return counts
 
 
-def _choose_items(rng, counts, logits):
-  """Each user's items, drawn without replacement with probability ~ exp(logits[user]).
+def _choose_items(rng, counts, popularity, liking, item_cluster):
+  """Each user's items, drawn without replacement with probability ~ exp(popularity + liking).
 
-  Gumbel top-k: the items with the largest `logits + Gumbel noise` of a row are a weighted
-  sample without replacement. Rows are drawn in chunks to bound memory.
+  Gumbel top-k: the items with the largest `logit + Gumbel noise` of a user are a weighted
+  sample without replacement. Users are drawn in chunks to bound memory.
   """
-  num_users, num_items = logits.shape
+  num_users, num_items = len(counts), len(popularity)
   rows = max(1, CHUNK // num_items)
   rank = np.arange(num_items)
   items = []
   for lo in range(0, num_users, rows):
-    block = logits[lo:lo + rows]
-    keys = block - np.log(rng.standard_exponential(block.shape))
+    logits = popularity + liking[lo:lo + rows][:, item_cluster]
+    keys = logits - np.log(rng.standard_exponential(logits.shape))
     order = np.argsort(-keys, axis=1)
     items.append(order[rank < counts[lo:lo + rows, None]])
   user = np.repeat(np.arange(num_users), counts)

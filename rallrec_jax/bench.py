@@ -1,0 +1,96 @@
+"""Benchmarks. Each prints one JSON line per measurement: {"bench", "value", "unit", ...}.
+
+  python -m rallrec_jax.bench prepare [--ratings 1000000]
+
+prepare: the `prepare` stage (parse, build samples and splits, write W/data/) on synthetic
+ratings written in the ML-1M file format, run in a fresh process so that its peak memory is
+its own. `value` is the whole stage (fingerprints, parse, build, atomic write). The competitor,
+measured in the same run, is a straightforward pure-Python reading and sampling of the same
+file (one loop per rating, as notebooks do it); as it writes nothing, the speedup compares it
+with our parse and build alone (`compute_value`).
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_CHILD = """
+import json, resource, sys, time
+from rallrec_jax import config, data, pipeline
+cfg = config.base_config()
+cfg.data.name, cfg.data.path = "ml1m", sys.argv[1]
+start = time.perf_counter()
+data.prepare(cfg.data)
+compute = time.perf_counter() - start
+start = time.perf_counter()
+pipeline.run(cfg, sys.argv[2], stages=["prepare"], force=True)
+seconds = time.perf_counter() - start
+meta = json.load(open(sys.argv[2] + "/data/meta.json"))
+print(json.dumps({"seconds": seconds, "compute_seconds": compute, "peak_rss_mb": resource.getrusage(
+    resource.RUSAGE_SELF).ru_maxrss / 1024, "splits": meta["splits"]}))
+"""
+
+
+def pure_python_samples(ratings_path, min_history=5):
+  """Per-rating Python loop: parse, sort by (time, user, item), count history, split 8:1:1."""
+  rows = []
+  with open(ratings_path, encoding="latin-1") as f:
+    for line in f:
+      user, item, rating, ts = line.rstrip("\n").split("::")
+      rows.append((int(ts), int(user), int(item), int(rating)))
+  rows.sort()
+  seen = {}
+  samples = []
+  for ts, user, item, rating in rows:
+    count = seen.get(user, 0)
+    if count >= min_history:
+      samples.append((user, item, rating > 3, ts, count))
+    seen[user] = count + 1
+  n = len(samples)
+  return {"train": int(0.8 * n), "valid": int(0.1 * n), "test": n - int(0.8 * n) - int(0.1 * n)}
+
+
+def bench_prepare(num_ratings):
+  from rallrec_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = Path(tmp) / "ml-1m"
+    num_users = max(10, round(6040 * num_ratings / 1_000_209))
+    num_items = max(10, round(3706 * min(1.0, num_ratings / 1_000_209) ** 0.5))
+    raw = synthetic.generate(num_users=num_users, num_items=num_items, num_ratings=num_ratings,
+                             num_clusters=18, drift=0.8, seed=0)
+    synthetic.write_ml1m(raw, folder)
+    del raw
+    child = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(Path(tmp) / "w")],
+                           capture_output=True, text=True, check=False)
+    if child.returncode != 0:
+      raise RuntimeError(f"prepare failed:\n{child.stderr}")
+    ours = json.loads(child.stdout.strip().splitlines()[-1])
+    start = time.perf_counter()
+    reference = pure_python_samples(folder / "ratings.dat")
+    baseline = time.perf_counter() - start
+  if reference != ours["splits"]:
+    raise RuntimeError(f"sample counts differ: ours {ours['splits']}, pure Python {reference}")
+  return {"bench": "prepare_ml1m_format", "value": round(ours["seconds"], 3), "unit": "s",
+          "ratings": num_ratings, "peak_rss_mb": round(ours["peak_rss_mb"], 1),
+          "samples": ours["splits"], "baseline": "pure_python_per_rating_loop",
+          "compute_value": round(ours["compute_seconds"], 3), "baseline_value": round(baseline, 3),
+          "speedup": round(baseline / ours["compute_seconds"], 2),
+          "target": "<= 30 s and <= 2048 MB on 2 cores"}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m rallrec_jax.bench", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="bench", required=True)
+  prepare = sub.add_parser("prepare", help="prepare stage on ML-1M-format synthetic ratings")
+  prepare.add_argument("--ratings", type=int, default=1_000_000, help="number of ratings")
+  args = parser.parse_args(argv)
+  if args.bench == "prepare":
+    print(json.dumps(bench_prepare(args.ratings)), flush=True)
+
+
+if __name__ == "__main__":
+  main()
