@@ -4,8 +4,8 @@ The dump is a MySQL export: `;`-separated, every field double-quoted, a quote in
 written `\\"`, latin-1 text with HTML entities. Its known warts are handled here: BX-Books rows
 whose title swallowed the author (7 fields instead of 8), fields broken over lines, Windows line
 ends, ISBNs whose case differs between files, and ratings of books or users missing from their
-files (`data.unknown_ids`). The ~1.15M ratings are parsed in one regex pass plus numpy casts;
-books and users row by row.
+files (`data.unknown_ids`). The ~1.15M ratings are checked by one regex pass over the whole
+file, then split and cast by numpy; books and users are parsed row by row.
 """
 import re
 
@@ -26,9 +26,9 @@ _COLUMNS = {
     USERS: ("User-ID", "Location", "Age"),
 }
 
-# A ratings row is one line; the ISBN is taken loosely (it only has to be found in BX-Books),
-# the field count is checked separately by counting the '";"' separators.
-_RATING_ROW = re.compile(r'^"([0-9]{1,18})";"([^\n]*?)";"([0-9]{1,18})"$', re.M)
+# A ratings row is one line; the ISBN is taken loosely (it only has to be found in BX-Books);
+# the field count is checked separately, by counting the '";"' separators.
+_RATING_ROW = re.compile(r'^"[0-9]{1,18}";"[^\n]*?";"[0-9]{1,18}"$', re.M)
 _INT = re.compile(r"[0-9]{1,18}")
 _MAX_RATING = 10
 
@@ -58,7 +58,7 @@ def load(cfg):
   users = _users(source, cfg)
   user, item, rating = _ratings(source, cfg)
   where = source.where(RATINGS)
-  book_ok = raw.check_known(_widen(item, items), items, where, "book", cfg.unknown_ids, 2)
+  book_ok = raw.check_known(item, items, where, "book", cfg.unknown_ids, 2)
   user_ok = raw.check_known(user, users, where, "user", cfg.unknown_ids, 2)
   keep = book_ok & user_ok
   notes = _drop_notes(int((~book_ok).sum()), int((book_ok & ~user_ok).sum()))
@@ -74,16 +74,6 @@ def _drop_notes(books, users):
   if users:
     notes.append(f"dropped {users} ratings of users missing from {USERS}")
   return notes
-
-
-def _widen(ids, known):
-  """`ids` in a string dtype wide enough for every known id.
-
-  check_known casts the known ids to the dtype of `ids`; a narrower dtype would cut longer
-  ISBNs and could make them equal to a rating's ISBN.
-  """
-  width = max([ids.dtype.itemsize // 4, *map(len, known)])
-  return ids.astype(f"<U{width}")
 
 
 def _body(source, name, cfg):
@@ -185,17 +175,18 @@ def _ratings(source, cfg):
   """User ids (int64), ISBNs (upper case) and ratings (int64) of every ratings row, in order."""
   where = source.where(RATINGS)
   body = _body(source, RATINGS, cfg)
-  rows = _RATING_ROW.findall(body.upper())
   n = body.count("\n") + 1
-  if len(rows) != n or body.count('";"') != 2 * n:
+  if len(_RATING_ROW.findall(body)) != n or body.count('";"') != 2 * n:
     _raise_bad_rating(body, where)
-  user, item, rating = (np.array(column) for column in zip(*rows))
-  rating = rating.astype(np.int64)
+  # Every line is now "user";"isbn";"rating": drop the outer quotes, split on the inner ones.
+  fields = body.upper()[1:-1].replace('"\n"', '";"').split('";"')
+  user = np.array(fields[0::3], dtype=np.int64)
+  rating = np.array(fields[2::3], dtype=np.int64)
   bad = np.flatnonzero(rating > _MAX_RATING)
   if bad.size:
     raise DataError(where, f"Book-Rating must be 0..{_MAX_RATING}, got {rating[bad[0]]}",
                     2 + int(bad[0]))
-  return user.astype(np.int64), _unescape_all(item), rating
+  return user, _unescape_all(np.array(fields[1::3])), rating
 
 
 def _unescape_all(item):

@@ -184,7 +184,8 @@ def check_known(ids, known, where, what, policy, first_line=1):
   policy "error": an unknown id is a DataError naming its line; "drop": those rows are masked
   out (the caller reports how many).
   """
-  known_arr = np.array(list(known), dtype=ids.dtype) if len(known) else np.array([], ids.dtype)
+  # No dtype cast: casting to the ids' string width would cut longer known ids to false matches.
+  known_arr = np.array(list(known)) if len(known) else np.array([], ids.dtype)
   mask = np.isin(ids, known_arr)
   if policy == "error" and not mask.all():
     i = int(np.flatnonzero(~mask)[0])
