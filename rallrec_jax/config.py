@@ -38,6 +38,7 @@ def base_config():
   d.label_threshold = 3.0     # label = rating > threshold
   d.split = (0.8, 0.1, 0.1)   # train / valid / test ratios
   d.seed = 42                 # shuffling (BookCrossing timelines and split)
+  # Iterative core filter, then the top_items most rated items (0: no cap).
   d.amazon = ml_collections.ConfigDict(dict(
       category="Movies_and_TV", user_min=11, user_max=200, item_min=10, item_max=200,
       top_items=5000))

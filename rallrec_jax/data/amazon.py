@@ -3,8 +3,10 @@
 Files in `data.path`: reviews `{category}.json` and metadata `meta_{category}.json`, each plain
 or gzipped, one strict JSON object per line. The reviews file is several GB, so it is streamed
 in chunks of whole lines and its four needed fields are pulled out by regexes over each chunk;
-a chunk whose lines do not all hold each field once, in the dump's usual form, is parsed line by
-line with `json.loads` instead, which also names the first bad line.
+a chunk whose lines do not all hold each field once, in the dump's usual form (`"key": value`,
+one `{...}` object a line), is parsed line by line with `json.loads` instead, which also names
+the first bad line. The regexes check the syntax of those four fields and each line's braces,
+not the JSON of the rest of the line (the review text).
 
 Ratings are kept when their item has a metadata title, once per (user, item), and inside the
 iterative core filter of `data.amazon` (see `core_filter`).
@@ -26,9 +28,10 @@ CHUNK_BYTES = 1 << 26
 _ID = rb'"([\x20\x21\x23-\x5b\x5d-\x7e]*)"'
 _NUMBER = rb"(-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?)(?=[,}])"
 _COUNT = rb"((?:0|[1-9]\d*))(?=[,}])"
-# Each pattern ends by eating the rest of its line, so a chunk yields at most one match per line
-# and a full count means every line holds the field.
-_FAST_FIELDS = tuple((key, re.compile(key + value + rb"[^\n]*}\n")) for key, value in (
+# Each pattern ends by eating the rest of its line, up to a `}` and a next line that starts with
+# `{`, so a chunk yields at most one match per line and a full count means every line holds the
+# field and is shaped like an object.
+_FAST_FIELDS = tuple((key, re.compile(key + value + rb"[^\n]*}\n(?={|\Z)")) for key, value in (
     (b'"reviewerID": ', _ID), (b'"asin": ', _ID), (b'"overall": ', _NUMBER),
     (b'"unixReviewTime": ', _COUNT)))
 
@@ -77,7 +80,7 @@ def load(cfg):
   reviews, meta = input_files(cfg)
   titled = _read_meta(meta)
   user, item, rating, timestamp = _read_reviews(reviews)
-  users, user = np.unique(user, return_inverse=True)
+  user_ids, user = np.unique(user, return_inverse=True)
   asins, item = np.unique(item, return_inverse=True)
   notes = []
   rows = np.flatnonzero(_has_title(asins, item, titled, cfg.unknown_ids, reviews, notes))
@@ -85,7 +88,7 @@ def load(cfg):
   before = _sizes(user[rows], item[rows])
   rows = rows[core_filter(user[rows], item[rows], cfg.amazon)]
   notes.append(_core_note(cfg.amazon, before, _sizes(user[rows], item[rows])))
-  user, item = users[user[rows]], asins[item[rows]]
+  user, item = user_ids[user[rows]], asins[item[rows]]
   return RawData(user=user, item=item, rating=rating[rows].astype(np.float32),
                  timestamp=timestamp[rows], items={a: titled[a] for a in np.unique(item).tolist()},
                  users={u: {} for u in np.unique(user).tolist()}, notes=notes)
@@ -110,9 +113,10 @@ def _first_per_pair(user, item, timestamp, notes):
   A later repeat of a review would put the pair's label into the user's own history, which
   leaks it to the model.
   """
-  order = np.lexsort((timestamp, item, user))
+  pair = user.astype(np.int64) * (int(item.max(initial=0)) + 1) + item
+  order = np.lexsort((timestamp, pair))
   first = np.ones(len(order), dtype=bool)
-  first[1:] = (np.diff(user[order]) != 0) | (np.diff(item[order]) != 0)
+  first[1:] = np.diff(pair[order]) != 0
   mask = np.zeros(len(order), dtype=bool)
   mask[order[first]] = True
   notes.append(f"dropped {len(mask) - int(mask.sum())} repeated (user, item) ratings, "
@@ -163,22 +167,21 @@ def _core_note(c, before, after):
 
 
 def _chunks(path):
-  """Yield (number of the first line, bytes of whole lines each ending in a newline)."""
+  """Yield (first line number, line count, bytes) for blocks of whole lines, each ending in a
+  newline; a block is CHUNK_BYTES plus the rest of its last line."""
   opener = gzip.open if path.suffix == ".gz" else open
-  first, rest = 1, b""
+  first = 1
   try:
     with opener(path, "rb") as f:
       while block := f.read(CHUNK_BYTES):
-        block = rest + block
-        cut = block.rfind(b"\n") + 1
-        rest = block[cut:]
-        if cut:
-          yield first, block[:cut]
-          first += block.count(b"\n", 0, cut)
+        block += f.readline()
+        if not block.endswith(b"\n"):
+          block += b"\n"
+        lines = block.count(b"\n")
+        yield first, lines, block
+        first += lines
   except (OSError, EOFError, zlib.error) as e:
     raise DataError(path, f"cannot read ({e}); the file may be truncated or not gzip") from e
-  if rest:
-    yield first, rest + b"\n"
 
 
 def _decode(data, path, first):
@@ -206,26 +209,26 @@ def _json_object(line, path, number):
 
 def _read_reviews(path):
   """Columns reviewerID, asin, overall, unixReviewTime; row i is line i + 1."""
-  parts = [_review_columns(data, path, first) for first, data in _chunks(path)]
+  parts = [_review_columns(data, lines, path, first) for first, lines, data in _chunks(path)]
   if not parts:
     raise DataError(path, "file is empty (no reviews)")
   user, item, rating, timestamp = (np.concatenate(column) for column in zip(*parts))
   return user, item, rating, timestamp
 
 
-def _review_columns(data, path, first):
+def _review_columns(data, lines, path, first):
+  """Columns of one chunk; bad UTF-8 is an error even where the regexes do not look."""
   if not data.isascii():
     _decode(data, path, first)
-  columns = _fast_columns(data)
+  columns = _fast_columns(data, lines)
   if columns is None:
     columns = _checked_columns(_decode(data, path, first), path, first)
   return columns
 
 
-def _fast_columns(data):
+def _fast_columns(data, lines):
   """The chunk's columns by regex, or None when a line is not in the dump's usual form."""
-  lines = data.count(b"\n")
-  if not data.startswith(b"{") or data.count(b"\n{") != lines - 1:
+  if not data.startswith(b"{"):
     return None
   values = []
   for key, pattern in _FAST_FIELDS:
@@ -268,7 +271,7 @@ def _read_meta(path):
   An asin listed twice keeps its first record, whether or not that one has a title.
   """
   titled, seen = {}, set()
-  for first, data in _chunks(path):
+  for first, _, data in _chunks(path):
     for i, line in enumerate(_lines(_decode(data, path, first))):
       record = _json_object(line, path, first + i)
       asin = record.get("asin")
