@@ -169,15 +169,6 @@ def _raise_first_bad_line(data, where, sep, columns, first, dtype):
   raise DataError(where, "could not parse the file as a numeric table")
 
 
-def check_integral(values, where, name, first_line=1):
-  """Raise naming the first line whose `name` column is not a whole number."""
-  bad = np.flatnonzero(values != np.round(values))
-  if bad.size:
-    raise DataError(where, f"{name} must be a whole number, got {values[bad[0]]!r}",
-                    first_line + int(bad[0]))
-  return values.astype(np.int64)
-
-
 def check_known(ids, known, where, what, policy, first_line=1):
   """Mask of ratings whose `ids` are in `known`.
 
