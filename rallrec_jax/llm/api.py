@@ -1,0 +1,51 @@
+"""The language model as one object: config, sharded params, tokenizer and entry points."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rallrec_jax import parallel
+from rallrec_jax.llm import hf_io, tokenizer as tokenizer_lib
+from rallrec_jax.llm.config import LMConfig
+from rallrec_jax.llm.model import Decoder
+
+
+@dataclasses.dataclass
+class LM:
+  cfg: LMConfig
+  params: dict
+  tokenizer: object = None
+  mesh: object = None
+  rules: tuple = parallel.DEFAULT_RULES
+
+  @property
+  def model(self):
+    return Decoder(self.cfg)
+
+  def logits(self, input_ids, attention_mask=None):
+    """Vocabulary logits [B, T, vocab] as numpy float32."""
+    ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
+    mask = None if attention_mask is None else jnp.asarray(np.asarray(attention_mask), jnp.int32)
+    return np.asarray(_logits(self.model, self.params, ids, mask))
+
+  def yes_no_tokens(self):
+    return tokenizer_lib.yes_no_tokens(self.tokenizer)
+
+
+@jax.jit(static_argnums=0)
+def _logits(model, params, ids, mask):
+  return model.apply({"params": params}, ids, mask)
+
+
+def load_pretrained(path, dtype="float32", param_dtype=None, mesh=None,
+                    rules=parallel.DEFAULT_RULES, remat="none"):
+  """Load a Hugging Face model folder (config.json, safetensors, tokenizer), offline.
+
+  `dtype` is the compute dtype; params default to it too. With a `mesh`, every param is read
+  shard by shard straight into its sharding.
+  """
+  cfg = LMConfig.from_folder(path, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
+  shardings = hf_io.param_shardings(cfg, mesh, rules)
+  params = hf_io.load_params(path, cfg, shardings)
+  return LM(cfg=cfg, params=params, tokenizer=tokenizer_lib.load(path), mesh=mesh, rules=rules)

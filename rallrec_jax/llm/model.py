@@ -1,0 +1,156 @@
+"""The decoder: Llama / Mistral / Qwen2 in Flax, with parameters as a plain pytree.
+
+Every parameter and the main activations carry logical axis names ("batch", "length",
+"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "norm"); `rallrec_jax.parallel` maps
+them to mesh axes. Parameter names follow the Hugging Face module tree (layers_i/self_attn/
+q_proj, ...) so that checkpoint conversion is a table.
+
+A KV cache, when given, is a list (one entry per layer) of {"k", "v"} arrays
+[batch, cache_len, kv_heads, head_dim]; `cache_index` is the slot where this call's first
+token goes, and `kv_mask` [batch, cache_len] marks the slots that hold real tokens. Attention
+runs through `jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPUs.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rallrec_jax.llm import rope
+
+_REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
+          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _init(names, scale=0.02):
+  return nn.with_logical_partitioning(nn.initializers.normal(scale), names)
+
+
+def _dense(cfg, features, axis, names, name, bias=False, bias_names=None):
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+      kernel_init=_init(names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_names or names[-1:]),
+      name=name)
+
+
+class RMSNorm(nn.Module):
+  cfg: object
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.cfg.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    return scale.astype(self.cfg.dtype) * y.astype(self.cfg.dtype)
+
+
+class Attention(nn.Module):
+  cfg: object
+
+  @nn.compact
+  def __call__(self, x, sin, cos, mask, cache=None, cache_index=None):
+    cfg = self.cfg
+    h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = _dense(cfg, (h, d), -1, ("embed", "heads", "head_dim"), "q_proj", cfg.qkv_bias,
+               ("heads", "head_dim"))(x)
+    key = _dense(cfg, (k, d), -1, ("embed", "kv_heads", "head_dim"), "k_proj", cfg.qkv_bias,
+                 ("kv_heads", "head_dim"))(x)
+    value = _dense(cfg, (k, d), -1, ("embed", "kv_heads", "head_dim"), "v_proj", cfg.qkv_bias,
+                   ("kv_heads", "head_dim"))(x)
+    q = nn.with_logical_constraint(rope.apply(q, sin, cos), ("batch", "length", "heads", "head_dim"))
+    key = rope.apply(key, sin, cos)
+    new_cache = None
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start)
+      value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)
+      new_cache = {"k": key, "v": value}
+    out = jax.nn.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype), mask=mask)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+    out = _dense(cfg, cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), "o_proj")(out)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  cfg: object
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    gate = _dense(cfg, cfg.intermediate_size, -1, ("embed", "mlp"), "gate_proj")(x)
+    up = _dense(cfg, cfg.intermediate_size, -1, ("embed", "mlp"), "up_proj")(x)
+    hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return _dense(cfg, cfg.hidden_size, -1, ("mlp", "embed"), "down_proj")(hidden)
+
+
+class Block(nn.Module):
+  cfg: object
+
+  @nn.compact
+  def __call__(self, x, sin, cos, mask, cache=None, cache_index=None):
+    attn, new_cache = Attention(self.cfg, name="self_attn")(
+        RMSNorm(self.cfg, name="input_layernorm")(x), sin, cos, mask, cache, cache_index)
+    x = x + attn
+    x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x))
+    return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
+
+
+class Decoder(nn.Module):
+  """input_ids [B, T] -> logits [B, T, vocab] (float32), or final normed hidden states."""
+  cfg: object
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+                                 param_dtype=cfg.param_dtype,
+                                 embedding_init=_init(("vocab", "embed")))
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=_REMAT[cfg.remat], prevent_cse=True)
+    self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.norm = RMSNorm(cfg)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _dense(cfg, cfg.vocab_size, -1, ("embed", "vocab"), "lm_head")
+    self.inv_freq = rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope)
+
+  def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0,
+             kv_mask=None):
+    """Final normed hidden states [B, T, embed] and the updated cache (None without one)."""
+    b, t = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    if positions is None:
+      positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    query_slots = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
+    if cache is None:
+      kv_mask = attention_mask
+    mask = _mask(query_slots, kv_mask)
+    sin, cos = rope.sin_cos(positions, self.inv_freq)
+    x = nn.with_logical_constraint(self.embed_tokens(input_ids), ("batch", "length", "embed"))
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, sin, cos, mask, None if cache is None else cache[i], cache_index)
+      new_cache.append(layer_cache)
+    return self.norm(x), (None if cache is None else new_cache)
+
+  def project(self, hidden):
+    """Vocabulary logits (float32) of hidden states [..., embed]."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed_tokens.attend(hidden).astype(jnp.float32)
+    return self.lm_head(hidden).astype(jnp.float32)
+
+  def answer_rows(self, token_ids):
+    """Output-embedding rows [len(token_ids), embed] of the given tokens (for Yes/No scoring)."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed_tokens.embedding[jnp.asarray(token_ids)]
+    return self.lm_head.variables["params"]["kernel"][:, jnp.asarray(token_ids)].T
+
+  def __call__(self, input_ids, attention_mask=None, positions=None):
+    hidden, _ = self.hidden(input_ids, attention_mask, positions)
+    return self.project(hidden)
+
+
+def _mask(query_slots, kv_mask):
+  """Boolean [B, 1, T, S]: key slot s is visible from query slot t if s <= t and s is real."""
+  causal = jnp.arange(kv_mask.shape[1])[None, None, :] <= query_slots[:, :, None]
+  return (causal & kv_mask[:, None, :].astype(bool))[:, None]

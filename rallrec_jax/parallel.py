@@ -1,0 +1,88 @@
+"""Device meshes and the table that maps logical axis names to mesh axes.
+
+Models name logical axes only ("batch", "embed", "heads", ...). A mesh is described as a list
+of (axis, size) pairs over "data", "fsdp" and "tensor", one size -1 (whatever is left), and one
+rules table maps logical names to mesh axes. A dimension that the mesh axes do not divide
+evenly (9 heads over 2 tensor devices) stays replicated rather than failing.
+"""
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or axes), first match wins. Params shard over fsdp (embed) and
+# tensor (heads, mlp, vocab); activations shard their batch over data and fsdp.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("length", None),
+    ("norm", None),
+)
+
+
+def make_mesh(shape=(("data", -1),), devices=None):
+  """A Mesh with Auto axis types from [(axis, size), ...]; one size may be -1."""
+  devices = list(jax.devices() if devices is None else devices)
+  names = [a for a, _ in shape]
+  sizes = [int(s) for _, s in shape]
+  unknown = [a for a in names if a not in MESH_AXES]
+  if unknown or len(set(names)) != len(names):
+    raise ValueError(f"mesh axes {names}: each must be one of {MESH_AXES}, at most once")
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes {sizes}: positive, with at most one -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh {shape}: {len(devices)} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {shape} needs {math.prod(sizes)} devices, {len(devices)} present")
+  grid = np.array(devices).reshape(sizes)
+  return Mesh(grid, tuple(names), axis_types=(AxisType.Auto,) * len(names))
+
+
+def _mesh_size(mesh, axes):
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def _present(axes, mesh):
+  """The rule's mesh axes that this mesh has (None when it has none of them)."""
+  if axes is None:
+    return None
+  kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a in mesh.shape)
+  return kept or None
+
+
+def logical_sharding(shape, logical_axes, mesh, rules=DEFAULT_RULES):
+  """NamedSharding of an array with these logical axes; uneven dimensions stay replicated."""
+  rules = [(k, _present(v, mesh)) for k, v in rules]
+  spec = nn.logical_to_mesh_axes(logical_axes, rules)
+  spec = [axes if dim % _mesh_size(mesh, axes) == 0 else None
+          for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))]
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def tree_shardings(abstract, mesh, rules=DEFAULT_RULES):
+  """Shardings for a pytree of boxed abstract params (nn.LogicallyPartitioned leaves)."""
+  def one(leaf):
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      return logical_sharding(leaf.value.shape, leaf.names, mesh, rules)
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(one, abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def batch_sharding(mesh, shape, rules=DEFAULT_RULES):
+  """Sharding of a [batch, ...] input: batch over the mesh axes of "batch"."""
+  return logical_sharding(shape, ("batch",) + (None,) * (len(shape) - 1), mesh, rules)
