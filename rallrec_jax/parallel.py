@@ -5,6 +5,7 @@ of (axis, size) pairs over "data", "fsdp" and "tensor", one size -1 (whatever is
 rules table maps logical names to mesh axes. A dimension that the mesh axes do not divide
 evenly (9 heads over 2 tensor devices) stays replicated rather than failing.
 """
+import contextlib
 import math
 
 import flax.linen as nn
@@ -65,9 +66,24 @@ def _present(axes, mesh):
   return kept or None
 
 
+def rules_for(mesh, rules=DEFAULT_RULES):
+  """The rules restricted to the axes this mesh has."""
+  return tuple((k, _present(v, mesh)) for k, v in rules)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules=DEFAULT_RULES):
+  """Within: the model's logical activation constraints resolve on `mesh` (no-op for None)."""
+  if mesh is None:
+    yield
+    return
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules_for(mesh, rules)):
+    yield
+
+
 def logical_sharding(shape, logical_axes, mesh, rules=DEFAULT_RULES):
   """NamedSharding of an array with these logical axes; uneven dimensions stay replicated."""
-  rules = [(k, _present(v, mesh)) for k, v in rules]
+  rules = rules_for(mesh, rules)
   spec = nn.logical_to_mesh_axes(logical_axes, rules)
   spec = [axes if dim % _mesh_size(mesh, axes) == 0 else None
           for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))]

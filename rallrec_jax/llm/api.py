@@ -25,9 +25,18 @@ class LM:
 
   def logits(self, input_ids, attention_mask=None):
     """Vocabulary logits [B, T, vocab] as numpy float32."""
-    ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
-    mask = None if attention_mask is None else jnp.asarray(np.asarray(attention_mask), jnp.int32)
-    return np.asarray(_logits(self.model, self.params, ids, mask))
+    ids = np.asarray(input_ids, np.int32)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    ids, mask = self.place(ids), self.place(mask)
+    with parallel.activation_sharding(self.mesh, self.rules):
+      return np.asarray(_logits(self.model, self.params, ids, mask))
+
+  def place(self, batch_array):
+    """A host [batch, ...] array on the devices, its batch split over the mesh's batch axes."""
+    if self.mesh is None:
+      return jnp.asarray(batch_array)
+    return jax.device_put(batch_array,
+                          parallel.batch_sharding(self.mesh, batch_array.shape, self.rules))
 
   def yes_no_tokens(self):
     return tokenizer_lib.yes_no_tokens(self.tokenizer)

@@ -24,12 +24,42 @@ def _init(names, scale=0.02):
   return nn.with_logical_partitioning(nn.initializers.normal(scale), names)
 
 
+class Dense(nn.Module):
+  """y = x @ kernel (+ bias), contracting x's trailing `in_ndim` axes.
+
+  The kernel is created in its final shape [*in_dims, *features] so its logical axis names
+  always match its rank (flax's DenseGeneral creates a flat kernel first). LoRA wraps the
+  outputs of these modules by name.
+  """
+  features: tuple
+  in_ndim: int
+  names: tuple
+  dtype: str
+  param_dtype: str
+  use_bias: bool = False
+  bias_names: tuple = ()
+
+  @nn.compact
+  def __call__(self, x):
+    in_dims = x.shape[x.ndim - self.in_ndim:]
+    kernel = self.param("kernel", _init(self.names), (*in_dims, *self.features),
+                        self.param_dtype)
+    contract = tuple(range(x.ndim - self.in_ndim, x.ndim))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((contract, tuple(range(self.in_ndim))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_names),
+                        self.features, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def _dense(cfg, features, axis, names, name, bias=False, bias_names=None):
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-      kernel_init=_init(names),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_names or names[-1:]),
-      name=name)
+  features = features if isinstance(features, tuple) else (features,)
+  in_ndim = len(axis) if isinstance(axis, tuple) else 1
+  return Dense(features=features, in_ndim=in_ndim, names=names, dtype=cfg.dtype,
+               param_dtype=cfg.param_dtype, use_bias=bias,
+               bias_names=bias_names or names[-len(features):], name=name)
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,111 @@
+"""The Flax decoder against transformers' PyTorch models, and sharded against unsharded."""
+import numpy as np
+import pytest
+
+from rallrec_jax import parallel
+from rallrec_jax.llm import LMConfig, load_pretrained
+from rallrec_jax.llm import hf_io
+from tests.llm_fixtures import random_batch, tiny_hf_model
+
+torch = pytest.importorskip("torch")
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+CASES = {
+    "llama_gqa_tied": ("llama", dict(tie_word_embeddings=True)),
+    "llama_gqa_untied": ("llama", dict(tie_word_embeddings=False)),
+    "llama_mha_head_dim": ("llama", dict(num_key_value_heads=4, head_dim=16)),
+    "qwen2_bias": ("qwen2", dict(tie_word_embeddings=False)),
+    "mistral": ("mistral", dict(sliding_window=None)),
+    "llama3_rope": ("llama", dict(rope_parameters={"rope_theta": 5000.0, **LLAMA3_ROPE})),
+    "linear_rope": ("llama", dict(rope_parameters={"rope_theta": 10000.0, "rope_type": "linear",
+                                                   "factor": 4.0})),
+}
+
+
+def torch_logits(model, ids, mask):
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(positions)).logits.numpy()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(case, tmp_path):
+  kind, overrides = CASES[case]
+  model = tiny_hf_model(tmp_path, kind, **overrides)
+  lm = load_pretrained(tmp_path)
+  ids, mask = random_batch(lm.cfg.vocab_size, batch=3, length=40)
+  ref = torch_logits(model, ids, mask)
+  ours = lm.logits(ids, mask)
+  real = mask.astype(bool)
+  assert np.abs(ref).max() > 1.0  # weights large enough for a real comparison
+  np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0)
+
+
+def test_left_padding_matches_the_unpadded_prompt(tmp_path):
+  model = tiny_hf_model(tmp_path, "llama")
+  lm = load_pretrained(tmp_path)
+  ids, _ = random_batch(lm.cfg.vocab_size, batch=1, length=10)
+  padded = np.concatenate([np.full((1, 6), 3), ids], axis=1)
+  mask = np.concatenate([np.zeros((1, 6), int), np.ones((1, 10), int)], axis=1)
+  np.testing.assert_allclose(lm.logits(padded, mask)[:, 6:], lm.logits(ids), atol=1e-5)
+  np.testing.assert_allclose(lm.logits(ids), torch_logits(model, ids, np.ones_like(ids)),
+                             atol=1e-4)
+
+
+def test_config_round_trips_through_hf(tmp_path):
+  tiny_hf_model(tmp_path, "llama", rope_parameters={"rope_theta": 5000.0, **LLAMA3_ROPE})
+  cfg = LMConfig.from_folder(tmp_path)
+  assert cfg.rope["rope_type"] == "llama3" and cfg.rope_theta == 5000.0
+  assert LMConfig.from_hf(cfg.to_hf()) == cfg
+  assert cfg.num_params() == sum(int(np.prod(v.shape)) for v in
+                                 _leaves(hf_io.load_params(tmp_path, cfg)))
+
+
+def _leaves(tree):
+  for v in tree.values():
+    yield from (_leaves(v) if isinstance(v, dict) else [v])
+
+
+def test_remat_and_bf16(tmp_path):
+  tiny_hf_model(tmp_path, "llama")
+  ids, mask = random_batch(64)
+  ref = load_pretrained(tmp_path).logits(ids, mask)
+  np.testing.assert_allclose(load_pretrained(tmp_path, remat="full").logits(ids, mask), ref,
+                             atol=1e-5)
+  bf16 = load_pretrained(tmp_path, dtype="bfloat16")
+  assert bf16.params["layers_0"]["mlp"]["up_proj"]["kernel"].dtype.name == "bfloat16"
+  out = bf16.logits(ids, mask)
+  real = mask.astype(bool)
+  assert out.dtype == np.float32 and np.abs(out - ref)[real].max() < 0.1 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("shape", [(("data", 2), ("fsdp", 2), ("tensor", 2)), (("data", 8),)])
+def test_sharded_forward_equals_unsharded(shape, tmp_path):
+  tiny_hf_model(tmp_path, "llama", hidden_size=48, intermediate_size=64, head_dim=8,
+                num_attention_heads=6, num_key_value_heads=2)
+  ids, mask = random_batch(64, batch=8, pad_right=(0, 3, 5, 0, 1, 2, 7, 4))
+  ref = load_pretrained(tmp_path).logits(ids, mask)
+  mesh = parallel.make_mesh(shape)
+  lm = load_pretrained(tmp_path, mesh=mesh)
+  np.testing.assert_allclose(lm.logits(ids, mask), ref, atol=2e-5)
+  up = lm.params["layers_0"]["mlp"]["up_proj"]["kernel"]
+  q = lm.params["layers_0"]["self_attn"]["q_proj"]["kernel"]
+  if dict(shape).get("tensor"):
+    assert tuple(up.sharding.spec) == ("fsdp", "tensor")
+    assert up.addressable_shards[0].data.shape == (48 // 2, 64 // 2)
+    assert q.addressable_shards[0].data.shape == (24, 3, 8)
+  else:
+    assert up.addressable_shards[0].data.shape == up.shape  # no fsdp/tensor axes: replicated
+
+
+def test_mesh_shapes():
+  mesh = parallel.make_mesh((("data", -1), ("tensor", 2)))
+  assert dict(mesh.shape) == {"data": 4, "tensor": 2}
+  with pytest.raises(ValueError, match="one of"):
+    parallel.make_mesh((("model", 8),))
+  with pytest.raises(ValueError, match="needs 6 devices"):
+    parallel.make_mesh((("data", 3), ("tensor", 2)))
+  uneven = parallel.logical_sharding((9, 64), ("heads", "head_dim"), mesh)
+  assert tuple(uneven.spec) == (None, None)  # 9 heads do not split over 2 devices
