@@ -1,35 +1,15 @@
 """Tiny Hugging Face models and a tiny tokenizer, built offline, for the LLM tests."""
-import json
-from pathlib import Path
-
 import numpy as np
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+from rallrec_jax.llm import tiny
+
 WORDS = ("Yes No . , ? the a user will like movie book item rating stars watched read is of and "
          "to in it this that Paris France capital The").split()
 
 
 def tiny_tokenizer(folder):
   """A word-level tokenizer with a chat template and special tokens, saved to `folder`."""
-  from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=import-outside-toplevel
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
-  specials = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-  vocab = {t: i for i, t in enumerate(specials + list(dict.fromkeys(WORDS)))}
-  core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  core.pre_tokenizer = pre_tokenizers.Sequence(
-      [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-  tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
-                                eos_token="</s>", pad_token="<pad>")
-  tok.add_special_tokens({"additional_special_tokens": specials[4:]})
-  tok.chat_template = CHAT_TEMPLATE
-  tok.save_pretrained(folder)
-  # Name the class, or AutoTokenizer picks the model family's own (e.g. Qwen2Tokenizer).
-  config_file = Path(folder) / "tokenizer_config.json"
-  config = json.loads(config_file.read_text())
-  config["tokenizer_class"] = "PreTrainedTokenizerFast"
-  config_file.write_text(json.dumps(config, indent=2))
-  return tok
+  return tiny.word_tokenizer(folder, WORDS)
 
 
 def tiny_hf_model(folder, kind="llama", seed=0, scale=0.2, with_tokenizer=True, **overrides):
