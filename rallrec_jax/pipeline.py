@@ -22,6 +22,7 @@ from rallrec_jax import data
 log = logging.getLogger("rallrec_jax")
 
 _CHUNK = 1 << 20
+LARGE_FILE = 256 << 20
 
 
 class PipelineError(RuntimeError):
@@ -81,13 +82,20 @@ def describe_stages():
 
 
 def fingerprint(path):
-  """sha256 of a file's bytes, or of a folder's sorted (relative path, file hash) pairs."""
+  """sha256 of a file's bytes, or of a folder's sorted (relative path, file hash) pairs.
+
+  Files over LARGE_FILE bytes (model weights, multi-GB review dumps) are fingerprinted by size
+  and modification time instead: hashing them on every run would cost minutes.
+  """
   path = Path(path)
   h = hashlib.sha256()
   if path.is_dir():
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
       h.update(f"{f.relative_to(path).as_posix()}\0{fingerprint(f)}\0".encode())
     return h.hexdigest()
+  stat = path.stat()
+  if stat.st_size > LARGE_FILE:
+    return f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}"
   with open(path, "rb") as f:
     while block := f.read(_CHUNK):
       h.update(block)

@@ -1,0 +1,1 @@
+"""Item text through the LLM: generated descriptions (describe) and text embeddings (embed)."""

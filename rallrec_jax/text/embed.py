@@ -1,0 +1,69 @@
+"""Text embeddings: one forward pass per text, masked mean of the final normed hidden states.
+
+Texts are tokenized without a chat template, sorted by length and cut into batches padded up
+to a few bucket lengths (few compiled shapes, little padding); each batch is split over the
+mesh's batch axes. PCA (centred, not whitened) in JAX reduces the result to `dim` columns.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from rallrec_jax import parallel
+from rallrec_jax.llm.model import Decoder
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def mean_pool(cfg, params, input_ids, attention_mask):
+  """Masked mean [B, E] (float32) of the final normed hidden states."""
+  hidden, _ = Decoder(cfg).apply({"params": params}, input_ids, attention_mask,
+                                 method=Decoder.hidden)
+  mask = attention_mask.astype(jnp.float32)[..., None]
+  return (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+
+
+def _round_up(n, multiple):
+  return -(-n // multiple) * multiple
+
+
+def embed_texts(lm, texts, *, batch_size=32, bucket=32, max_length=512, progress=True):
+  """Mean-pooled hidden states [len(texts), hidden_size] float32, in the order of `texts`."""
+  tok = lm.tokenizer
+  ids = tok(list(texts), add_special_tokens=True, truncation=True, max_length=max_length).input_ids
+  order = np.argsort([len(x) for x in ids], kind="stable")
+  out = np.zeros((len(texts), lm.cfg.hidden_size), np.float32)
+  pad = tok.pad_token_id or 0
+  with parallel.activation_sharding(lm.mesh, lm.rules):
+    for start in tqdm(range(0, len(order), batch_size), desc="embed", unit="batch",
+                      disable=not progress):
+      rows = order[start:start + batch_size]
+      length = _round_up(max(len(ids[r]) for r in rows), bucket)
+      batch = np.full((batch_size, length), pad, np.int32)
+      mask = np.zeros((batch_size, length), np.int32)
+      for j, r in enumerate(rows):
+        batch[j, length - len(ids[r]):] = ids[r]
+        mask[j, length - len(ids[r]):] = 1
+      pooled = mean_pool(lm.cfg, lm.params, lm.place(batch), lm.place(mask))
+      out[rows] = np.asarray(pooled)[:len(rows)]
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pca(x, dim):
+  centred = x - x.mean(axis=0, keepdims=True)
+  _, _, vt = jnp.linalg.svd(centred, full_matrices=False)
+  # Fix each component's sign (largest |loading| positive) so results are reproducible.
+  signs = jnp.sign(vt[jnp.arange(vt.shape[0]), jnp.argmax(jnp.abs(vt), axis=1)])
+  return centred @ (vt[:dim] * signs[:dim, None]).T
+
+
+def pca(x, dim):
+  """Project rows of `x` [N, D] onto their top `dim` principal components (centred, not
+  whitened); with fewer than `dim` rows or columns the rest is zero-filled."""
+  x = np.asarray(x, np.float32)
+  keep = min(dim, *x.shape)
+  out = np.zeros((x.shape[0], dim), np.float32)
+  out[:, :keep] = np.asarray(_pca(jnp.asarray(x), keep))
+  return out
