@@ -41,6 +41,11 @@ class LM:
   def yes_no_tokens(self):
     return tokenizer_lib.yes_no_tokens(self.tokenizer)
 
+  def generate_text(self, prompts, **kwargs):
+    """Completions of `prompts` (see rallrec_jax.llm.generate.generate_text)."""
+    from rallrec_jax.llm import generate  # pylint: disable=import-outside-toplevel
+    return generate.generate_text(self, prompts, **kwargs)
+
 
 @jax.jit(static_argnums=0)
 def _logits(model, params, ids, mask):
