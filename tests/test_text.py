@@ -65,3 +65,31 @@ def test_pca_matches_numpy_svd():
   np.testing.assert_allclose(ours.var(0, ddof=1), s[:5] ** 2 / 199, rtol=1e-3)
   wide = embed.pca(x[:3], 5)
   assert wide.shape == (3, 5) and np.all(wide[:, 3:] == 0)
+
+
+def test_describe_resumes_after_an_interruption(tmp_path, monkeypatch):
+  tiny_hf_model(tmp_path / "model", "llama")
+  lm = load_pretrained(tmp_path / "model")
+  kwargs = dict(batch_size=2, max_new_tokens=6, progress=False, seed=3)
+  full = describe.describe(lm, ITEMS, "ml1m", tmp_path / "full.jsonl", **kwargs)
+  assert sorted(full) == [it["id"] for it in ITEMS] and all(full.values())
+
+  real = describe.generate.generate_text
+  calls = []
+
+  def dies_on_third_batch(*args, **kw):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real(*args, **kw)
+
+  monkeypatch.setattr(describe.generate, "generate_text", dies_on_third_batch)
+  path = tmp_path / "resumed.jsonl"
+  with pytest.raises(KeyboardInterrupt):
+    describe.describe(lm, ITEMS, "ml1m", path, **kwargs)
+  assert len(describe.read_done(path)) == 4
+  monkeypatch.setattr(describe.generate, "generate_text", real)
+  resumed = describe.describe(lm, ITEMS, "ml1m", path, **kwargs)
+  assert resumed == full
+  lines = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [row["item"] for row in lines] == list(range(len(ITEMS)))
