@@ -12,6 +12,10 @@ import ml_collections
 DATASETS = ("synthetic", "ml100k", "ml1m", "bookcrossing", "amazon_movies")
 SOURCES = ("files", "tfds")
 UNKNOWN_ID_POLICIES = ("error", "drop")
+ORDERS = ("simple", "high", "sequential", "rerank", "fusion")
+EMBED_SOURCES = ("description", "template")
+MIX_VARIANTS = ("text", "cf", "mix", "mix3")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -45,8 +49,35 @@ def base_config():
   d.synthetic = ml_collections.ConfigDict(dict(
       num_users=300, num_items=200, num_ratings=12000, num_clusters=6, drift=0.8, seed=0))
 
+  # The LLM: a Hugging Face folder, or (path "") a tiny random decoder built in W/model_tiny.
+  c.model = m = ml_collections.ConfigDict()
+  m.path = ""
+  m.dtype = "float32"         # compute dtype; bfloat16 on accelerators
+  m.param_dtype = ""          # "" = same as dtype
+  m.remat = "none"            # none | full | dots
+  m.mesh = (("data", -1),)    # (axis, size) pairs over data / fsdp / tensor, one -1
+  m.tiny = ml_collections.ConfigDict(dict(
+      hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=0))
+
+  c.describe = ml_collections.ConfigDict(dict(
+      batch_size=16, max_new_tokens=128, temperature=0.8, top_p=0.9, max_words=80, seed=0))
+  # Text embedding of each item: its generated description, or the plain template.
+  c.embed = ml_collections.ConfigDict(dict(
+      source="description", batch_size=32, max_length=256, pca_dim=128))
+  c.cf = ml_collections.ConfigDict(dict(
+      dim=128, layers=3, lr=1e-3, l2=1e-4, batch_size=2048, epochs=30, k=20, seed=0))
+  c.align = ml_collections.ConfigDict(dict(
+      hidden=256, dim=64, temperature=0.15, lr=1e-3, weight_decay=1e-4, batch_size=256,
+      epochs=100, heldout=0.1, seed=0))
+  c.mix = ml_collections.ConfigDict(dict(
+      variant="mix3", weights=ml_collections.ConfigDict(dict(text=1.0, cf=1.0, joint=1.0))))
+
   c.retrieval = r = ml_collections.ConfigDict()
   r.k = 30                    # history items per prompt
+  r.order = "rerank"          # simple | high | sequential | rerank | fusion
+  r.half_life = 10.0          # fusion: recency half-life, in history items
+  r.rerank_short = True       # rerank also histories no longer than k (MovieLens); else sequential
+  r.batch_size = 4096
   return c
 
 
@@ -149,4 +180,48 @@ def validate(cfg):
   k = cfg.retrieval.k
   _check(isinstance(k, int) and k > 0, "retrieval.k",
          f"must be a positive integer (history items per prompt; the paper uses 30), got {k!r}")
+  _check(cfg.retrieval.order in ORDERS, "retrieval.order",
+         f"{cfg.retrieval.order!r} is not one of {ORDERS}")
+  _check(cfg.retrieval.half_life > 0, "retrieval.half_life",
+         f"must be > 0, got {cfg.retrieval.half_life!r}")
+  _validate_model(cfg.model)
+  _check(cfg.embed.source in EMBED_SOURCES, "embed.source",
+         f"{cfg.embed.source!r} is not one of {EMBED_SOURCES}")
+  _check(cfg.mix.variant in MIX_VARIANTS, "mix.variant",
+         f"{cfg.mix.variant!r} is not one of {MIX_VARIANTS}")
+  for key in ("describe.batch_size", "describe.max_new_tokens", "embed.batch_size",
+              "embed.pca_dim", "cf.dim", "cf.layers", "cf.batch_size", "cf.epochs", "cf.k",
+              "align.hidden", "align.dim", "align.batch_size", "align.epochs",
+              "retrieval.batch_size"):
+    section, name = key.split(".")
+    value = cfg[section][name]
+    _check(isinstance(value, int) and value > 0, key, f"must be a positive integer, got {value!r}")
+  _check(0.0 < cfg.describe.top_p <= 1.0, "describe.top_p",
+         f"must lie in (0, 1], got {cfg.describe.top_p!r}")
+  _check(cfg.describe.temperature >= 0, "describe.temperature",
+         f"must be >= 0 (0 is greedy), got {cfg.describe.temperature!r}")
+  _check(cfg.align.temperature > 0, "align.temperature",
+         f"must be > 0, got {cfg.align.temperature!r}")
+  _check(0.0 < cfg.align.heldout < 1.0, "align.heldout",
+         f"must lie in (0, 1), got {cfg.align.heldout!r}")
+  for name, weight in cfg.mix.weights.items():
+    _check(weight >= 0, f"mix.weights.{name}", f"must be >= 0, got {weight!r}")
   return cfg
+
+
+def _validate_model(m):
+  if m.path:
+    _check(Path(m.path).expanduser().joinpath("config.json").is_file(), "model.path",
+           f"{m.path} is not a Hugging Face model folder (no config.json); leave it empty for "
+           f"the tiny random model")
+  _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} is not one of {DTYPES}")
+  _check(m.param_dtype in DTYPES + ("",), "model.param_dtype",
+         f"{m.param_dtype!r} is not one of {DTYPES} or ''")
+  _check(m.remat in ("none", "full", "dots"), "model.remat",
+         f"{m.remat!r} is not one of none, full, dots")
+  axes = [a for a, _ in m.mesh]
+  _check(all(a in ("data", "fsdp", "tensor") for a in axes) and len(set(axes)) == len(axes),
+         "model.mesh", f"axes {axes} must be distinct names among data, fsdp, tensor")
+  sizes = [s for _, s in m.mesh]
+  _check(sizes.count(-1) <= 1 and all(s == -1 or s > 0 for s in sizes), "model.mesh",
+         f"sizes {sizes} must be positive, with at most one -1")

@@ -60,6 +60,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.get_absl_handler().setFormatter(
       logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+  # Library chatter (orbax, jax) at warnings only; the pipeline's own progress at info.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("rallrec_jax").setLevel(logging.INFO)
   try:
     status = pipeline.run(_CONFIG.value, _WORKDIR.value, stages=_STAGES.value, force=_FORCE.value)
   except (ConfigError, DataError, pipeline.PipelineError) as e:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from rallrec_jax import atomic
 from rallrec_jax import config as config_lib
-from rallrec_jax import data
+from rallrec_jax import data, stages
 
 log = logging.getLogger("rallrec_jax")
 
@@ -35,7 +35,7 @@ class Stage:
   help: str                        # what it does and writes, for --help
   run: Callable                    # run(cfg, workdir)
   config_keys: tuple = ()          # config subtrees that decide its outputs
-  deps: tuple = ()                 # stages whose artifacts it reads
+  deps: object = ()                # stages whose artifacts it reads (or a function of the cfg)
   outputs: tuple = ()              # workdir-relative paths it writes
   external_inputs: Callable = lambda cfg: []   # raw files it reads
   version: int = 1                 # bump when the stage's code changes its outputs
@@ -58,11 +58,16 @@ STAGES = {}
 def register(stage):
   if stage.name in STAGES:
     raise ValueError(f"stage {stage.name!r} registered twice")
-  for dep in stage.deps:
-    if dep not in STAGES:
-      raise ValueError(f"stage {stage.name!r} depends on unregistered {dep!r}")
   STAGES[stage.name] = stage
   return stage
+
+
+def deps_of(stage, cfg):
+  deps = stage.deps(cfg) if callable(stage.deps) else stage.deps
+  unknown = [d for d in deps if d not in STAGES]
+  if unknown:
+    raise PipelineError(f"stage {stage.name!r} depends on unregistered stages {unknown}")
+  return tuple(deps)
 
 
 register(Stage(
@@ -71,6 +76,42 @@ register(Stage(
          "users.jsonl, timelines.npz, samples_{train,valid,test}.npz, meta.json)",
     run=_prepare, config_keys=("data",), outputs=("data",),
     external_inputs=lambda cfg: data.input_files(cfg.data)))
+
+
+register(Stage(
+    name="describe",
+    help="generate an LLM description of every item (resumable): writes descriptions.jsonl",
+    run=stages.describe, config_keys=("describe", "model"), deps=("prepare",),
+    outputs=("descriptions.jsonl",), external_inputs=stages.model_files))
+register(Stage(
+    name="embed",
+    help="mean-pooled LLM hidden states of each item's description (or plain template), PCA: "
+         "writes embeddings/text.npy",
+    run=stages.embed, config_keys=("embed", "model"),
+    deps=lambda cfg: ("prepare", "describe") if cfg.embed.source == "description" else (
+        "prepare",),
+    outputs=("embeddings/text.npy",), external_inputs=stages.model_files))
+register(Stage(
+    name="cf",
+    help="LightGCN (BPR) on the interactions before the validation period, resumable: writes "
+         "embeddings/cf.npy, cf/metrics.json (validation recall/NDCG)",
+    run=stages.cf, config_keys=("cf",), deps=("prepare",),
+    outputs=("embeddings/cf.npy", "cf/metrics.json")))
+register(Stage(
+    name="align",
+    help="contrastive (InfoNCE) alignment of the text and CF views of train-period items: "
+         "writes embeddings/joint.npy, align/metrics.json",
+    run=stages.align, config_keys=("align",), deps=("prepare", "embed", "cf"),
+    outputs=("embeddings/joint.npy", "align/metrics.json")))
+register(Stage(
+    name="mix",
+    help="the retrieval embedding: text, cf and joint blocks scaled and concatenated per "
+         "mix.variant: writes embeddings/mixed.npy",
+    run=stages.mix, config_keys=("mix",),
+    deps=lambda cfg: ("prepare", "embed", "cf", "align") if cfg.mix.variant == "mix3" else (
+        ("prepare", "embed", "cf") if cfg.mix.variant == "mix" else (
+            ("prepare", "embed") if cfg.mix.variant == "text" else ("prepare", "cf"))),
+    outputs=("embeddings/mixed.npy",)))
 
 
 def describe_stages():
@@ -123,7 +164,7 @@ def read_manifest(workdir, name):
 def _expected(stage, cfg, workdir):
   """The manifest fields that must match for `stage` to be up to date."""
   deps = {}
-  for dep in stage.deps:
+  for dep in deps_of(stage, cfg):
     manifest = read_manifest(workdir, dep)
     if manifest is None:
       raise PipelineError(f"stage {stage.name!r} needs the artifacts of {dep!r}, which has not "

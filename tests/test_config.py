@@ -60,7 +60,7 @@ def test_overrides_set_leaves_and_reject_unknown_keys():
   assert cfg.retrieval.k == 20 and cfg.data.amazon.top_items == 10
   with pytest.raises(config_lib.ConfigError, match="data.amazon.top_itemz"):
     config_lib.apply_overrides(cfg, {"data.amazon.top_itemz": 1})
-  with pytest.raises(config_lib.ConfigError, match="'model'"):
+  with pytest.raises(config_lib.ConfigError, match="'model.size'"):
     config_lib.apply_overrides(cfg, {"model.size": 1})
 
 
@@ -78,6 +78,19 @@ def test_overrides_set_leaves_and_reject_unknown_keys():
     ("data.amazon.user_min", 300, "data.amazon.user_min: 300 exceeds"),
     ("data.synthetic.num_users", 0, "data.synthetic.num_users: must be a positive integer"),
     ("data.synthetic.drift", 1.5, "data.synthetic.drift"),
+    ("retrieval.order", "random", "retrieval.order: 'random' is not one of"),
+    ("retrieval.half_life", 0.0, "retrieval.half_life: must be > 0"),
+    ("model.path", "/nowhere", "model.path: /nowhere is not a Hugging Face model folder"),
+    ("model.dtype", "float8", "model.dtype"),
+    ("model.mesh", (("data", -1), ("model", 2)), "model.mesh: axes"),
+    ("model.mesh", (("data", -1), ("tensor", -1)), "model.mesh: sizes"),
+    ("embed.source", "title", "embed.source"),
+    ("mix.variant", "mix4", "mix.variant"),
+    ("mix.weights.cf", -1.0, "mix.weights.cf: must be >= 0"),
+    ("cf.epochs", 0, "cf.epochs: must be a positive integer"),
+    ("describe.top_p", 0.0, "describe.top_p"),
+    ("align.temperature", 0.0, "align.temperature"),
+    ("align.heldout", 1.0, "align.heldout"),
 ])
 def test_invalid_values_name_the_key(key, value, message):
   cfg = config_lib.apply_overrides(config_lib.base_config(), {key: value})

@@ -73,6 +73,26 @@ class Dataset:
       start = np.maximum(start, end - max_history)
     return start, end
 
+  def train_interactions(self):
+    """(user, item) of the ratings a model may learn from without seeing valid or test.
+
+    Chronological datasets: the ratings older than the first valid or test sample (ties at
+    that instant excluded). Per-user random ones (BookCrossing): every rating except the
+    valid and test targets.
+    """
+    t = self.timelines
+    user = np.repeat(np.arange(self.num_users, dtype=np.int32), np.diff(t.offsets))
+    held = [s for name, s in self.splits.items() if name != "train" and len(s)]
+    if not held:
+      return user, t.item
+    if self.meta["sampling"] == "chronological":
+      keep = t.timestamp < min(int(s.timestamp.min()) for s in held)
+    else:
+      keep = np.ones(len(t.item), bool)
+      for s in held:
+        keep[t.offsets[s.user] + s.pos] = False
+    return user[keep], t.item[keep]
+
   def history(self, split, index, max_history=0):
     """(items, ratings, timestamps) of one sample's history, oldest first."""
     s = self.splits[split].take(np.array([index]))

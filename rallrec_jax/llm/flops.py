@@ -30,6 +30,12 @@ def forward_flops_per_token(cfg, seq_len):
   return 2 * matmul_params(cfg) + attention_flops(cfg, seq_len)
 
 
+def scoring_flops_per_token(cfg, seq_len):
+  """Forward FLOPs per token when only the last position is projected, onto two rows."""
+  head = cfg.vocab_size * cfg.hidden_size
+  return 2 * (matmul_params(cfg) - head) + attention_flops(cfg, seq_len) + 4 * cfg.hidden_size / seq_len
+
+
 def lora_train_flops_per_token(cfg, seq_len):
   return 4 * matmul_params(cfg) + 3 * attention_flops(cfg, seq_len)
 
@@ -37,18 +43,24 @@ def lora_train_flops_per_token(cfg, seq_len):
 _measured = {}
 
 
-def measured_matmul_peak(dtype=jnp.float32, n=1024, repeats=8):
-  """FLOP/s of a jitted n x n matmul on the default device (used where no table entry fits)."""
+def measured_matmul_peak(dtype=jnp.float32, n=1024, repeats=4, rounds=5):
+  """FLOP/s of a jitted n x n matmul on the default device (used where no table entry fits).
+
+  The best of several rounds: a busy machine slows some rounds, never speeds one up.
+  """
   key = (jax.devices()[0].device_kind, jnp.dtype(dtype).name)
   if key not in _measured:
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-      out = f(a)
-    out.block_until_ready()
-    _measured[key] = 2 * n ** 3 * repeats / (time.perf_counter() - start)
+    best = float("inf")
+    for _ in range(rounds):
+      start = time.perf_counter()
+      for _ in range(repeats):
+        out = f(a)
+      out.block_until_ready()
+      best = min(best, time.perf_counter() - start)
+    _measured[key] = 2 * n ** 3 * repeats / best
   return _measured[key]
 
 

@@ -1,0 +1,194 @@
+"""What each pipeline stage does: read earlier artifacts, call the library, write artifacts.
+
+Every function here is `run(cfg, workdir)`; `pipeline` registers them with their inputs and
+outputs. Arrays are written through a temporary name and renamed, so an interrupted stage
+never leaves a half-written artifact.
+"""
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from rallrec_jax import atomic, data, parallel
+from rallrec_jax.align import contrastive, mix as mix_lib
+from rallrec_jax.cf import lightgcn
+from rallrec_jax.llm import load_pretrained, tiny
+from rallrec_jax.text import describe as describe_lib, embed as embed_lib, templates
+
+log = logging.getLogger("rallrec_jax")
+
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
+               "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def save_array(path, array):
+  """np.save through a temporary name in the same folder."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  with open(tmp, "wb") as f:
+    np.save(f, np.asarray(array))
+  os.replace(tmp, path)
+
+
+def save_json(path, value):
+  atomic.write_text(path, json.dumps(value, indent=1) + "\n")
+
+
+def model_files(cfg):
+  """The files of the configured model folder (none for the tiny model, built from config)."""
+  if not cfg.model.path:
+    return []
+  folder = Path(cfg.model.path).expanduser()
+  return sorted(p for p in folder.iterdir()
+                if p.name in MODEL_FILES or p.name.endswith(".safetensors"))
+
+
+def _tiny_model_folder(cfg, workdir, dataset):
+  """W/model_tiny: a random decoder whose vocabulary covers the items' text and prompts."""
+  folder = Path(workdir) / "model_tiny"
+  key = hashlib.sha256(json.dumps([cfg.model.tiny.to_dict(), dataset.meta],
+                                  sort_keys=True).encode()).hexdigest()
+  if (folder / "config.json").is_file() and (folder / "key").is_file() and (
+      (folder / "key").read_text() == key):
+    return folder
+  texts = [json.dumps(it, ensure_ascii=False) for it in dataset.items]
+  texts += [templates.description_prompt(it, dataset.meta["name"]) for it in dataset.items[:50]]
+  with atomic.directory(folder) as tmp:
+    t = cfg.model.tiny
+    tiny.build(tmp, texts, hidden_size=t.hidden_size, num_layers=t.num_layers,
+               num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
+               intermediate_size=t.intermediate_size, seed=t.seed)
+    (tmp / "key").write_text(key)
+  return folder
+
+
+def load_model(cfg, workdir, dataset):
+  """The configured LLM on the configured mesh."""
+  m = cfg.model
+  path = m.path or _tiny_model_folder(cfg, workdir, dataset)
+  mesh = parallel.make_mesh(tuple(tuple(x) for x in m.mesh))
+  return load_pretrained(path, dtype=m.dtype, param_dtype=m.param_dtype or None, mesh=mesh,
+                         remat=m.remat)
+
+
+def _descriptions_key(cfg):
+  spec = [cfg.describe.to_dict(), cfg.model.to_dict(),
+          [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in model_files(cfg)]]
+  return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _resumable(paths, key_file, key):
+  """Keep partial work in `paths` only if it was made for the same `key`; else delete it."""
+  if key_file.is_file() and key_file.read_text() == key:
+    return
+  for path in paths:
+    if path.is_dir():
+      shutil.rmtree(path)
+    else:
+      path.unlink(missing_ok=True)
+  atomic.write_text(key_file, key)
+
+
+def describe(cfg, workdir):
+  """descriptions.jsonl, resumable; a changed model or describe config starts it afresh."""
+  workdir = Path(workdir)
+  dataset = data.load_dataset(workdir)
+  path = workdir / "descriptions.jsonl"
+  _resumable([path], workdir / ".descriptions.key",
+             _descriptions_key(cfg) + pipeline_data_key(workdir))
+  lm = load_model(cfg, workdir, dataset)
+  d = cfg.describe
+  texts = describe_lib.describe(lm, dataset.items, dataset.meta["name"], path,
+                                batch_size=d.batch_size, max_new_tokens=d.max_new_tokens,
+                                temperature=d.temperature, top_p=d.top_p, seed=d.seed,
+                                max_words=d.max_words)
+  missing = [it["id"] for it in dataset.items if it["id"] not in texts]
+  if missing:
+    raise RuntimeError(f"describe: items without a description: {missing[:10]}")
+  log.info("describe: %d descriptions in %s", len(texts), path)
+
+
+def pipeline_data_key(workdir):
+  """Changes whenever the prepared dataset changes (its meta and item list)."""
+  meta = Path(workdir) / "data" / "meta.json"
+  items = Path(workdir) / "data" / "items.jsonl"
+  return hashlib.sha256(meta.read_bytes() + items.read_bytes()).hexdigest()
+
+
+def item_texts(cfg, workdir, dataset):
+  """The text embedded for each item, in canonical order."""
+  if cfg.embed.source == "template":
+    return [templates.plain_text(it, dataset.meta["name"]) for it in dataset.items]
+  done = describe_lib.read_done(Path(workdir) / "descriptions.jsonl")
+  return [done[it["id"]] for it in dataset.items]
+
+
+def embed(cfg, workdir):
+  """embeddings/text.npy: mean-pooled LLM states of each item's text, PCA to embed.pca_dim."""
+  dataset = data.load_dataset(workdir)
+  lm = load_model(cfg, workdir, dataset)
+  e = cfg.embed
+  pooled = embed_lib.embed_texts(lm, item_texts(cfg, workdir, dataset), batch_size=e.batch_size,
+                                 max_length=e.max_length)
+  vectors = embed_lib.pca(pooled, e.pca_dim)
+  save_array(Path(workdir) / "embeddings" / "text.npy", vectors)
+  log.info("embed: %s -> text vectors %s", e.source, vectors.shape)
+
+
+def cf(cfg, workdir):
+  """embeddings/cf.npy: LightGCN item vectors trained on train-period interactions only."""
+  workdir = Path(workdir)
+  dataset = data.load_dataset(workdir)
+  user, item = dataset.train_interactions()
+  held = dataset.splits["valid"] if len(dataset.splits["valid"]) else dataset.splits["test"]
+  c = cfg.cf
+  checkpoints = workdir / "cf" / "checkpoints"
+  key = hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True).encode()).hexdigest()
+  _resumable([checkpoints], workdir / "cf" / ".key", key + pipeline_data_key(workdir))
+  params, history = lightgcn.train(
+      user, item, dataset.num_users, dataset.num_items, dim=c.dim, num_layers=c.layers, lr=c.lr,
+      l2=c.l2, batch_size=c.batch_size, epochs=c.epochs, seed=c.seed,
+      eval_pairs=(held.user, held.target), k=c.k, checkpoint_dir=checkpoints, log=log.info)
+  positives = lightgcn.positives_from_pairs(user, item, dataset.num_users, dataset.num_items)
+  graph = lightgcn.build_graph(*positives.pairs(), dataset.num_users, dataset.num_items)
+  save_array(workdir / "embeddings" / "cf.npy",
+             lightgcn.item_embeddings(params, graph, c.layers))
+  save_json(workdir / "cf" / "metrics.json", history)
+
+
+def _train_items(dataset):
+  return np.unique(dataset.train_interactions()[1])
+
+
+def align(cfg, workdir):
+  """embeddings/joint.npy: InfoNCE-aligned projections of the text and CF views."""
+  workdir = Path(workdir)
+  dataset = data.load_dataset(workdir)
+  text = np.load(workdir / "embeddings" / "text.npy")
+  cf = np.load(workdir / "embeddings" / "cf.npy")
+  a = cfg.align
+  items = np.random.default_rng(a.seed).permutation(_train_items(dataset))
+  n_held = max(1, int(round(a.heldout * len(items))))
+  params, history = contrastive.train(
+      text, cf, np.sort(items[n_held:]), np.sort(items[:n_held]), hidden=a.hidden,
+      out_dim=a.dim, temperature=a.temperature, lr=a.lr, weight_decay=a.weight_decay,
+      batch_size=min(a.batch_size, len(items) - n_held), epochs=a.epochs, seed=a.seed,
+      log=log.info)
+  save_array(workdir / "embeddings" / "joint.npy", contrastive.joint(params, text, cf))
+  save_json(workdir / "align" / "metrics.json", history)
+  log.info("align: held-out cross-view top-1 %.3f", history[-1]["heldout_top1"])
+
+
+def mix(cfg, workdir):
+  """embeddings/mixed.npy: the blocks of the configured variant, each scaled by its max norm."""
+  workdir = Path(workdir)
+  blocks = {name: np.load(workdir / "embeddings" / f"{name}.npy")
+            for name in mix_lib.VARIANTS[cfg.mix.variant]}
+  mixed = mix_lib.mix(blocks, cfg.mix.variant, dict(cfg.mix.weights))
+  save_array(workdir / "embeddings" / "mixed.npy", mixed)
+  log.info("mix: %s -> %s", cfg.mix.variant, mixed.shape)
