@@ -1,6 +1,11 @@
-"""Benchmarks. Each prints one JSON line per measurement: {"bench", "value", "unit", ...}.
+"""Benchmarks. Each prints one JSON line per measurement: {"bench", "value", "unit", ...},
+with the competitor measured in the same run and the ratio.
 
   python -m rallrec_jax.bench prepare [--ratings 1000000]
+  python -m rallrec_jax.bench llm [--model-dir DIR]     LoRA train step and scoring vs PyTorch
+  python -m rallrec_jax.bench lightgcn [--ml100k DIR]   LightGCN epoch time
+  python -m rallrec_jax.bench index                     ScaNN vs exact search, 1M x 128
+  python -m rallrec_jax.bench retrieve                  history retrieval over 1M samples
 
 prepare: the `prepare` stage (parse, build samples and splits, write W/data/) on synthetic
 ratings written in the ML-1M file format, run in a fresh process so that its peak memory is
@@ -11,6 +16,7 @@ with our parse and build alone (`compute_value`).
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -81,15 +87,43 @@ def bench_prepare(num_ratings):
           "target": "<= 30 s and <= 2048 MB on 2 cores"}
 
 
+def _emit(rows):
+  for row in rows if isinstance(rows, list) else [rows]:
+    print(json.dumps(row), flush=True)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m rallrec_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="bench", required=True)
   prepare = sub.add_parser("prepare", help="prepare stage on ML-1M-format synthetic ratings")
   prepare.add_argument("--ratings", type=int, default=1_000_000, help="number of ratings")
+  llm = sub.add_parser("llm", help="LoRA train step and Yes/No scoring against PyTorch")
+  llm.add_argument("--model-dir", default=os.environ.get("RALLREC_SMOLLM2"),
+                   help="HF folder with real weights (default $RALLREC_SMOLLM2; else random "
+                        "weights of the SmolLM2-135M shape)")
+  lightgcn = sub.add_parser("lightgcn", help="LightGCN epoch time")
+  lightgcn.add_argument("--ml100k", default=None, help="MovieLens 100K folder")
+  sub.add_parser("index", help="ScaNN against exact search on 1M x 128 vectors")
+  sub.add_parser("retrieve", help="history retrieval over 1M samples against the reference")
   args = parser.parse_args(argv)
+  # Imported here: each benchmark pulls in only what it measures.
+  # pylint: disable=import-outside-toplevel
   if args.bench == "prepare":
-    print(json.dumps(bench_prepare(args.ratings)), flush=True)
+    _emit(bench_prepare(args.ratings))
+  elif args.bench == "llm":
+    from rallrec_jax.llm import bench_lora, bench_score
+    _emit(bench_lora.bench_lora_step(args.model_dir))
+    _emit(bench_score.bench_scoring(args.model_dir))
+  elif args.bench == "lightgcn":
+    from rallrec_jax.cf import bench_lightgcn
+    _emit(bench_lightgcn.bench_lightgcn_epoch(ml100k_path=args.ml100k))
+  elif args.bench == "index":
+    from rallrec_jax.retrieval import bench_index
+    _emit(bench_index.bench_scann())
+  elif args.bench == "retrieve":
+    from rallrec_jax.retrieval import bench_history
+    _emit(bench_history.bench_retrieve())
 
 
 if __name__ == "__main__":

@@ -154,3 +154,32 @@ def test_unknown_ids_can_be_dropped(tmp_path):
     data.prepare(data_config("ml1m", folder))
   ds = data.prepare(data_config("ml1m", folder, unknown_ids="drop"))
   assert ds.meta["num_ratings"] == len(rows) - 1 and "dropped 1 ratings" in ds.meta["notes"][0]
+
+
+def test_train_interactions_stop_before_validation(tmp_path):
+  rows = random_ratings(seed=4, per_user=(12, 15, 9))
+  ds = data.prepare(data_config("ml1m", write_ml1m(tmp_path / "ml", rows)))
+  user, item = ds.train_interactions()
+  first_held = min(ds.splits["valid"].timestamp.min(), ds.splits["test"].timestamp.min())
+  expected = sorted((u, i) for u, i, _, ts in rows if ts < first_held)
+  raw_user = [u["raw_id"] for u in ds.users]
+  raw_item = [it["raw_id"] for it in ds.items]
+  assert sorted((raw_user[u], raw_item[i]) for u, i in zip(user, item)) == expected
+
+
+def test_train_interactions_of_per_user_samples_drop_held_out_targets(tmp_path):
+  from rallrec_jax.data import build, raw  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  n = 400
+  ratings = raw.RawData(user=rng.integers(0, 40, n), item=rng.integers(0, 30, n),
+                        rating=rng.integers(0, 11, n).astype(np.float32),
+                        timestamp=np.arange(n), items={}, users={})
+  ds = build.build(ratings, "bookcrossing", "per_user_random", 4, 4.0, (0.6, 0.2, 0.2))
+  user, item = ds.train_interactions()
+  assert len(user) == n - len(ds.splits["valid"]) - len(ds.splits["test"])
+  held = {(int(s.user[i]), int(s.pos[i])) for s in (ds.splits["valid"], ds.splits["test"])
+          for i in range(len(s))}
+  t = ds.timelines
+  kept_rows = [(u, r - t.offsets[u]) for u in range(ds.num_users)
+               for r in range(t.offsets[u], t.offsets[u + 1]) if (u, r - t.offsets[u]) not in held]
+  assert len(kept_rows) == len(user)
