@@ -72,6 +72,12 @@ def base_config():
   c.mix = ml_collections.ConfigDict(dict(
       variant="mix3", weights=ml_collections.ConfigDict(dict(text=1.0, cf=1.0, joint=1.0))))
 
+  # Nearest-neighbour index of the mixed item vectors (ScaNN, or exact as ground truth).
+  c.index = ml_collections.ConfigDict(dict(
+      backend="scann", num_leaves=0, num_leaves_to_search=0, dims_per_block=2,
+      anisotropic_threshold=0.2, reorder=100, training_sample_size=100_000, batch_size=4096,
+      neighbors=20, recommend_n=20, recent=20))
+
   c.retrieval = r = ml_collections.ConfigDict()
   r.k = 30                    # history items per prompt
   r.order = "rerank"          # simple | high | sequential | rerank | fusion
@@ -204,9 +210,26 @@ def validate(cfg):
          f"must be > 0, got {cfg.align.temperature!r}")
   _check(0.0 < cfg.align.heldout < 1.0, "align.heldout",
          f"must lie in (0, 1), got {cfg.align.heldout!r}")
+  for key in ("neighbors", "recommend_n", "recent"):
+    _check(isinstance(cfg.index[key], int) and cfg.index[key] > 0, f"index.{key}",
+           f"must be a positive integer, got {cfg.index[key]!r}")
+  try:
+    index_config(cfg)
+  except ValueError as e:
+    raise _error("index", str(e)) from None
   for name, weight in cfg.mix.weights.items():
     _check(weight >= 0, f"mix.weights.{name}", f"must be >= 0, got {weight!r}")
   return cfg
+
+
+INDEX_KEYS = ("backend", "num_leaves", "num_leaves_to_search", "dims_per_block",
+              "anisotropic_threshold", "reorder", "training_sample_size", "batch_size")
+
+
+def index_config(cfg):
+  """The retrieval.index.IndexConfig of the `index` block (it validates its own fields)."""
+  from rallrec_jax.retrieval.index import IndexConfig  # pylint: disable=import-outside-toplevel
+  return IndexConfig(**{k: cfg.index[k] for k in INDEX_KEYS})
 
 
 def _validate_model(m):

@@ -113,6 +113,13 @@ register(Stage(
             ("prepare", "embed") if cfg.mix.variant == "text" else ("prepare", "cf"))),
     outputs=("embeddings/mixed.npy",)))
 
+register(Stage(
+    name="index",
+    help="ScaNN (or exact) index of the mixed vectors, top-M neighbours per item, candidate "
+         "generation evaluated on the test period: writes index/ (scann/, neighbors.npy, "
+         "recommend.json)",
+    run=stages.index, config_keys=("index",), deps=("prepare", "mix"), outputs=("index",)))
+
 
 def describe_stages():
   """One line per stage, in run order."""

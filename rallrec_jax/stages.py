@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from rallrec_jax import atomic, data, parallel
+from rallrec_jax import config as config_lib
 from rallrec_jax.align import contrastive, mix as mix_lib
 from rallrec_jax.cf import lightgcn
 from rallrec_jax.llm import load_pretrained, tiny
+from rallrec_jax.retrieval import candidates, index as index_lib
 from rallrec_jax.text import describe as describe_lib, embed as embed_lib, templates
 
 log = logging.getLogger("rallrec_jax")
@@ -182,6 +184,33 @@ def align(cfg, workdir):
   save_array(workdir / "embeddings" / "joint.npy", contrastive.joint(params, text, cf))
   save_json(workdir / "align" / "metrics.json", history)
   log.info("align: held-out cross-view top-1 %.3f", history[-1]["heldout_top1"])
+
+
+def index(cfg, workdir):
+  """index/: the nearest-neighbour index of the mixed vectors, each item's neighbours, and
+  candidate generation for every user evaluated on the test period."""
+  workdir = Path(workdir)
+  dataset = data.load_dataset(workdir)
+  vectors = np.load(workdir / "embeddings" / "mixed.npy")
+  icfg = config_lib.index_config(cfg)
+  built = index_lib.build(vectors, icfg)
+  neighbors = index_lib.neighbors(built, min(cfg.index.neighbors, len(vectors) - 1))
+  user, item = dataset.train_interactions()
+  seen = index_lib.as_csr(np.split(item, np.cumsum(np.bincount(user, minlength=dataset.num_users))[:-1]))
+  test = dataset.splits["test"]
+  relevant = [test.target[test.user == u] for u in range(dataset.num_users)]
+  users = candidates.user_vectors(vectors, seen, recent=cfg.index.recent)
+  recommended = candidates.recommend(built, users, seen, cfg.index.recommend_n)
+  recall, ndcg = candidates.recall_ndcg_at_n(recommended, relevant)
+  n = cfg.index.recommend_n
+  with atomic.directory(workdir / "index") as tmp:
+    if icfg.backend == "scann":
+      built.save(tmp / "scann")
+    save_array(tmp / "neighbors.npy", neighbors.astype(np.int32))
+    save_json(tmp / "recommend.json", {f"recall@{n}": recall, f"ndcg@{n}": ndcg,
+                                       "backend": icfg.backend, "users": dataset.num_users})
+  log.info("index: %s over %s; test recall@%d %.4f ndcg@%d %.4f", icfg.backend,
+           vectors.shape, n, recall, n, ndcg)
 
 
 def mix(cfg, workdir):
