@@ -104,7 +104,7 @@ def _tree(path):
 
 def _run_cli(config, workdir, *extra):
   return subprocess.run([sys.executable, "-m", "rallrec_jax.main", "--config", config,
-                         "--workdir", str(workdir), *extra], cwd=REPO, capture_output=True,
+                         "--workdir", str(workdir), "--stages", "prepare", *extra], cwd=REPO, capture_output=True,
                         text=True, timeout=120)
 
 

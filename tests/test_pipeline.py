@@ -25,7 +25,7 @@ def folder(tmp_path):
 def test_manifest_skip_and_rerun(tmp_path, folder):
   workdir = tmp_path / "w"
   cfg = ml1m_config(folder)
-  assert pipeline.run(cfg, workdir) == {"prepare": "ran"}
+  assert pipeline.run(cfg, workdir, stages=["prepare"]) == {"prepare": "ran"}
   manifest = pipeline.read_manifest(workdir, "prepare")
   assert manifest["config"]["data"]["path"] == str(folder)
   assert set(manifest["inputs"]) == {str(folder / n) for n in ("ratings.dat", "movies.dat",
@@ -33,19 +33,19 @@ def test_manifest_skip_and_rerun(tmp_path, folder):
   assert manifest["outputs"]["data"] == pipeline.fingerprint(workdir / "data")
   assert json.loads((workdir / "config.json").read_text())["data"]["name"] == "ml1m"
 
-  assert pipeline.run(cfg, workdir) == {"prepare": "skipped"}
-  assert pipeline.run(cfg, workdir, force=True) == {"prepare": "ran"}
+  assert pipeline.run(cfg, workdir, stages=["prepare"]) == {"prepare": "skipped"}
+  assert pipeline.run(cfg, workdir, stages=["prepare"], force=True) == {"prepare": "ran"}
 
   cfg.data.min_history = 4
-  assert pipeline.run(cfg, workdir) == {"prepare": "ran"}
-  assert pipeline.run(cfg, workdir) == {"prepare": "skipped"}
+  assert pipeline.run(cfg, workdir, stages=["prepare"]) == {"prepare": "ran"}
+  assert pipeline.run(cfg, workdir, stages=["prepare"]) == {"prepare": "skipped"}
 
   with open(folder / "ratings.dat", "ab") as f:
     f.write(b"1::1::5::978400000\n")
-  assert pipeline.run(cfg, workdir) == {"prepare": "ran"}
+  assert pipeline.run(cfg, workdir, stages=["prepare"]) == {"prepare": "ran"}
 
   (workdir / "data" / "meta.json").unlink()
-  assert pipeline.run(cfg, workdir) == {"prepare": "ran"}
+  assert pipeline.run(cfg, workdir, stages=["prepare"]) == {"prepare": "ran"}
   assert (workdir / "data" / "meta.json").is_file()
 
 
@@ -65,7 +65,8 @@ def test_downstream_stage_needs_a_current_upstream(tmp_path, folder, monkeypatch
   cfg = ml1m_config(folder)
   with pytest.raises(pipeline.PipelineError, match="needs the artifacts of 'prepare'.*--stages"):
     pipeline.run(cfg, workdir, stages=["count"])
-  assert pipeline.run(cfg, workdir) == {"prepare": "ran", "count": "ran"}
+  both = ["prepare", "count"]
+  assert pipeline.run(cfg, workdir, stages=both) == {"prepare": "ran", "count": "ran"}
   assert pipeline.run(cfg, workdir, stages=["count"]) == {"count": "skipped"}
   cfg.retrieval.k = 7
   assert pipeline.run(cfg, workdir, stages=["count"]) == {"count": "ran"}
@@ -73,7 +74,7 @@ def test_downstream_stage_needs_a_current_upstream(tmp_path, folder, monkeypatch
   cfg.data.min_history = 3
   with pytest.raises(pipeline.PipelineError, match="'prepare', whose artifacts .* out of date"):
     pipeline.run(cfg, workdir, stages=["count"])
-  assert pipeline.run(cfg, workdir) == {"prepare": "ran", "count": "ran"}
+  assert pipeline.run(cfg, workdir, stages=both) == {"prepare": "ran", "count": "ran"}
 
 
 def _cli(*args):
@@ -90,7 +91,8 @@ def test_help_lists_the_stages_and_what_they_write():
 
 
 def test_cli_runs_and_reports_config_mistakes(tmp_path, folder):
-  ok = _cli("--config", f"configs/ml1m.py:path={folder}", "--workdir", str(tmp_path / "w"))
+  ok = _cli("--config", f"configs/ml1m.py:path={folder}", "--workdir", str(tmp_path / "w"),
+            "--stages", "prepare")
   assert ok.returncode == 0 and ok.stdout.strip() == "prepare=ran", ok.stderr
   cases = [
       (["--config", f"configs/ml1m.py:path={folder}", "--config.data.nmae=x"],
@@ -103,6 +105,7 @@ def test_cli_runs_and_reports_config_mistakes(tmp_path, folder):
        "unknown stage(s) ['trian']"),
   ]
   for args, message in cases:
-    out = _cli(*args, "--workdir", str(tmp_path / "w2"))
+    out = _cli(*args, "--workdir", str(tmp_path / "w2"),
+               *([] if "--stages" in args else ["--stages", "prepare"]))
     assert out.returncode == 2, (args, out.stderr)
     assert message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
