@@ -23,4 +23,5 @@ def get_config(arg=None):
   c.data.split = (0.8, 0.1, 0.1)
   c.data.seed = 42
   c.data.unknown_ids = "drop"
+  c.retrieval.rerank_short = False  # the paper reranks only histories longer than K here
   return c

@@ -120,6 +120,13 @@ register(Stage(
          "recommend.json)",
     run=stages.index, config_keys=("index",), deps=("prepare", "mix"), outputs=("index",)))
 
+register(Stage(
+    name="retrieve",
+    help="for every sample, the K history items of its prompt (retrieval.order, default the "
+         "paper's rerank) by cosine on the mixed vectors: writes retrieval/{split}.npz",
+    run=stages.retrieve, config_keys=("retrieval", "data.max_history"), deps=("prepare", "mix"),
+    outputs=("retrieval",)))
+
 
 def describe_stages():
   """One line per stage, in run order."""

@@ -18,7 +18,7 @@ from rallrec_jax import config as config_lib
 from rallrec_jax.align import contrastive, mix as mix_lib
 from rallrec_jax.cf import lightgcn
 from rallrec_jax.llm import load_pretrained, tiny
-from rallrec_jax.retrieval import candidates, index as index_lib
+from rallrec_jax.retrieval import candidates, history, index as index_lib
 from rallrec_jax.text import describe as describe_lib, embed as embed_lib, templates
 
 log = logging.getLogger("rallrec_jax")
@@ -211,6 +211,23 @@ def index(cfg, workdir):
                                        "backend": icfg.backend, "users": dataset.num_users})
   log.info("index: %s over %s; test recall@%d %.4f ndcg@%d %.4f", icfg.backend,
            vectors.shape, n, recall, n, ndcg)
+
+
+def retrieve(cfg, workdir):
+  """retrieval/{split}.npz: the K history items of every sample's prompt, in prompt order."""
+  workdir = Path(workdir)
+  dataset = data.load_dataset(workdir)
+  vectors = np.load(workdir / "embeddings" / "mixed.npy")
+  r = cfg.retrieval
+  with atomic.directory(workdir / "retrieval") as tmp:
+    for split in dataset.splits:
+      result = history.retrieve(dataset, split, vectors, k=r.k, order=r.order,
+                                max_history=cfg.data.max_history, half_life=r.half_life,
+                                rerank_short=r.rerank_short, batch_size=r.batch_size)
+      history.save(result, tmp / f"{split}.npz")
+      filled = float((result["history"] >= 0).sum(1).mean()) if len(result["sample"]) else 0.0
+      log.info("retrieve: %s: %d samples, %.1f of %d history items on average (%s)", split,
+               len(result["sample"]), filled, r.k, r.order)
 
 
 def mix(cfg, workdir):
