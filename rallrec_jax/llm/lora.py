@@ -1,0 +1,371 @@
+"""LoRA adapters for the decoder, added from outside the model with a method interceptor.
+
+The base params stay untouched: `apply` runs the ordinary `Decoder` with a
+`flax.linen.intercept_methods` hook that adds scale * dropout(x) @ A @ B to the output of every
+targeted projection. Adapters are a separate small pytree that mirrors the param paths of the
+targeted modules, {"layers_0": {"self_attn": {"q_proj": {"a": [*in_dims, r], "b": [r, *out]}}}},
+so they can be differentiated, sharded and saved on their own. A is drawn as PEFT draws it
+(kaiming-uniform), B starts at zero, so a fresh adapter leaves the model exactly as it was.
+"""
+import dataclasses
+import json
+import math
+import zlib
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rallrec_jax import atomic, parallel
+from rallrec_jax.llm import hf_io, safetensors_io
+from rallrec_jax.llm.config import CheckpointError, LMConfig
+from rallrec_jax.llm.model import Decoder
+
+# Projection name -> how many trailing input axes its kernel contracts.
+IN_NDIM = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
+           "down_proj": 1}
+WEIGHTS = "adapter.safetensors"
+CONFIG = "adapter_config.json"
+# Tokens per chunk of the training loss's vocabulary projection.
+CHUNK_TOKENS = 512
+# The LMConfig fields that fix the adapters' shapes, stored beside them.
+BASE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+               "num_heads", "num_kv_heads", "head_dim", "tie_word_embeddings", "qkv_bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.05
+  targets: tuple = ("q_proj", "v_proj")
+
+  def __post_init__(self):
+    object.__setattr__(self, "targets", tuple(self.targets))
+    if not isinstance(self.rank, int) or self.rank <= 0:
+      raise ValueError(f"LoRA rank={self.rank!r} must be a positive integer")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+    unknown = [t for t in self.targets if t not in IN_NDIM]
+    if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+      raise ValueError(f"LoRA targets {self.targets}: a non-empty set of {tuple(IN_NDIM)}")
+
+  @property
+  def scale(self):
+    return self.alpha / self.rank
+
+
+def _flatten(tree, prefix=()):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _unflatten(flat):
+  tree = {}
+  for path, v in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return tree
+
+
+def _path_id(path):
+  """A stable integer per module path, so each module gets its own random stream."""
+  return zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF
+
+
+def specs(cfg, lora_cfg):
+  """{(*module path, "a" | "b"): (shape, logical axes)}, derived from the base kernels."""
+  out = {}
+  for path, leaf in _flatten(hf_io.abstract_params(cfg)).items():
+    if path[-1] != "kernel" or path[-2] not in lora_cfg.targets:
+      continue
+    n, shape, names = IN_NDIM[path[-2]], leaf.value.shape, tuple(leaf.names)
+    out[path[:-1] + ("a",)] = (shape[:n] + (lora_cfg.rank,), names[:n] + (None,))
+    out[path[:-1] + ("b",)] = ((lora_cfg.rank,) + shape[n:], (None,) + names[n:])
+  return out
+
+
+def shardings(cfg, lora_cfg, mesh, rules=parallel.DEFAULT_RULES):
+  """Adapter shardings: A follows the kernel's input axes, B its output axes."""
+  return _unflatten({path: parallel.logical_sharding(shape, names, mesh, rules)
+                     for path, (shape, names) in specs(cfg, lora_cfg).items()})
+
+
+def _draw(rng, path, shape):
+  """PEFT's kaiming-uniform(a=sqrt(5)) for A: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); B = 0."""
+  if path[-1] == "b":
+    return jnp.zeros(shape, jnp.float32)
+  bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
+  key = jax.random.fold_in(rng, _path_id(path))
+  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def _single_device_mesh():
+  """The one-device mesh that `hf_io.param_shardings` places unsharded params on."""
+  return parallel.make_mesh((("data", 1),), jax.devices()[:1])
+
+
+def init(rng, cfg, lora_cfg, mesh=None, rules=parallel.DEFAULT_RULES):
+  """Fresh float32 adapters, created straight into their shardings on `mesh` (one device)."""
+  shapes = {path: shape for path, (shape, _) in specs(cfg, lora_cfg).items()}
+
+  def build(rng):
+    return _unflatten({path: _draw(rng, path, shape) for path, shape in shapes.items()})
+
+  out_shardings = shardings(cfg, lora_cfg, mesh or _single_device_mesh(), rules)
+  return jax.jit(build, out_shardings=out_shardings)(rng)
+
+
+def _adapter_at(adapters, path):
+  """The {"a", "b"} pair of the module at `path`, or None if that module is not adapted."""
+  node = adapters
+  for name in path:
+    if not isinstance(node, dict) or name not in node:
+      return None
+    node = node[name]
+  return node if isinstance(node, dict) and "a" in node else None
+
+
+def _delta(x, pair, lora_cfg, rng):
+  """scale * dropout(x) @ A @ B, contracting x's trailing input axes with A's."""
+  if rng is not None and lora_cfg.dropout > 0:
+    keep = jax.random.bernoulli(rng, 1.0 - lora_cfg.dropout, x.shape)
+    x = jnp.where(keep, x / (1.0 - lora_cfg.dropout), 0).astype(x.dtype)
+  a, b = pair["a"].astype(x.dtype), pair["b"].astype(x.dtype)
+  low = jnp.tensordot(x, a, axes=a.ndim - 1)
+  return lora_cfg.scale * jnp.tensordot(low, b, axes=1)
+
+
+def _interceptor(adapters, lora_cfg, dropout_rng):
+  def intercept(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name != "__call__":
+      return out
+    path = context.module.path
+    pair = _adapter_at(adapters, path)
+    if pair is None:
+      return out
+    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, _path_id(path))
+    x = args[0] if args else kwargs["x"]
+    return out + _delta(x, pair, lora_cfg, rng).astype(out.dtype)
+  return intercept
+
+
+def apply(cfg, params, adapters, lora_cfg, *args, method=None, dropout_rng=None, **kwargs):
+  """`Decoder(cfg).apply` with the adapters added; dropout only when `dropout_rng` is given."""
+  with nn.intercept_methods(_interceptor(adapters, lora_cfg, dropout_rng)):
+    return Decoder(cfg).apply({"params": params}, *args, method=method, **kwargs)
+
+
+def merge(params, adapters, lora_cfg):
+  """Params with W + scale * A @ B folded into each adapted kernel, in the kernel's dtype."""
+  flat = _flatten(params)
+  for path, a in _flatten(adapters).items():
+    if path[-1] != "a":
+      continue
+    module = path[:-1]
+    kernel = flat[module + ("kernel",)]
+    b = _adapter_at(adapters, module)["b"]
+    delta = jnp.tensordot(a, b, axes=1, precision=jax.lax.Precision.HIGHEST)
+    flat[module + ("kernel",)] = (kernel.astype(jnp.float32)
+                                  + lora_cfg.scale * delta).astype(kernel.dtype)
+  return _unflatten(flat)
+
+
+def save(adapters, lora_cfg, folder, cfg):
+  """Write adapter.safetensors ("/"-joined names) and adapter_config.json, each atomically."""
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  tensors = {"/".join(path): (a.shape, np.float32, lambda a=a: np.asarray(jax.device_get(a)))
+             for path, a in _flatten(adapters).items()}
+  safetensors_io.save(folder / WEIGHTS, tensors, {"format": "rallrec-lora"})
+  meta = {"lora": dataclasses.asdict(lora_cfg),
+          "base": {f: getattr(cfg, f) for f in BASE_FIELDS}}
+  atomic.write_text(folder / CONFIG, json.dumps(meta, indent=2) + "\n")
+  return folder
+
+
+def _read_config(folder):
+  file = Path(folder) / CONFIG
+  if not file.is_file():
+    raise CheckpointError(f"{file}: missing (a LoRA adapter folder has {CONFIG})")
+  try:
+    meta = json.loads(file.read_text())
+    return LoraConfig(**meta["lora"]), LMConfig(**meta["base"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{file}: not a valid LoRA adapter config ({e})") from e
+
+
+def load(folder, cfg=None, mesh=None, rules=parallel.DEFAULT_RULES, rank=None):
+  """(adapters, LoraConfig) from `save`'s folder, checked against the base model `cfg`.
+
+  Without `cfg` the adapters are checked against the base config stored beside them. `rank`,
+  when given, is the rank the caller expects. A tensor that is missing, unexpected or of the
+  wrong shape for this base model and rank is a CheckpointError naming it.
+  """
+  lora_cfg, stored_base = _read_config(folder)
+  if not (Path(folder) / WEIGHTS).is_file():
+    raise CheckpointError(f"{Path(folder) / WEIGHTS}: missing")
+  expected_cfg = lora_cfg if rank is None else dataclasses.replace(lora_cfg, rank=rank)
+  expected = {"/".join(p): shape for p, (shape, _) in specs(cfg or stored_base,
+                                                            expected_cfg).items()}
+  file = safetensors_io.SafetensorsFile(Path(folder) / WEIGHTS)
+  _check(file, expected, expected_cfg)
+  targets = _flatten(shardings(cfg or stored_base, expected_cfg, mesh or _single_device_mesh(),
+                               rules))
+  flat = {}
+  for name in expected:
+    path = tuple(name.split("/"))
+    flat[path] = jax.device_put(np.array(file.tensor(name), np.float32), targets[path])
+  return _unflatten(flat), lora_cfg
+
+
+def _check(file, expected, lora_cfg):
+  """Every expected tensor present with its shape, and nothing else."""
+  missing = sorted(set(expected) - set(file.names()))
+  if missing:
+    raise CheckpointError(f"{file.path}: missing tensor {missing[0]!r} for targets "
+                          f"{lora_cfg.targets} on this base model")
+  extra = sorted(set(file.names()) - set(expected))
+  if extra:
+    raise CheckpointError(f"{file.path}: unexpected tensor {extra[0]!r} for targets "
+                          f"{lora_cfg.targets} on this base model")
+  for name, shape in expected.items():
+    if tuple(file.shape(name)) != tuple(shape):
+      raise CheckpointError(f"{file.path}: tensor {name!r} has shape {tuple(file.shape(name))}, "
+                            f"rank {lora_cfg.rank} on this base model needs {tuple(shape)}")
+
+
+def next_token_loss(logits, input_ids, loss_mask):
+  """Mean cross-entropy of logits at t predicting ids at t+1, over targets where loss_mask is 1.
+
+  `loss_mask` is aligned with `input_ids`: it marks the tokens to be predicted (like Hugging
+  Face labels that are not -100), so position 0 is never a target.
+  """
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], input_ids[:, 1:])
+  weights = loss_mask[:, 1:].astype(jnp.float32)
+  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def output_matrix(cfg, params):
+  """The vocabulary projection as [vocab, embed] (the tied embedding or lm_head's kernel)."""
+  if cfg.tie_word_embeddings:
+    return params["embed_tokens"]["embedding"]
+  return params["lm_head"]["kernel"].T
+
+
+def hidden_next_token_loss(hidden, head, input_ids, loss_mask, chunk_tokens=CHUNK_TOKENS):
+  """`next_token_loss` of logits = hidden @ head.T, never holding all [B, T, vocab] logits.
+
+  The sequence is cut into chunks of about `chunk_tokens` tokens (the batch axis, which may be
+  sharded, stays whole); each chunk's logits live only inside one scan step. The gradient with
+  respect to `hidden` is computed in the same pass, so nothing is recomputed backwards; `head`
+  is treated as frozen (it gets no gradient), as it is under LoRA.
+  """
+  b, t = input_ids.shape
+  targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
+  weights = jnp.pad(loss_mask[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+  size = max(1, min(t, chunk_tokens // b))
+  pad = -t % size
+  total = _chunked_ce(*(_chunks(jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)), size)
+                        for x in (hidden, targets, weights)), head)
+  return total / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _chunks(x, size):
+  """[B, T, ...] -> [T / size, B, size, ...], the scan axis first."""
+  b, t = x.shape[:2]
+  return jnp.moveaxis(x.reshape(b, t // size, size, *x.shape[2:]), 1, 0)
+
+
+def _ce_chunk(h, head, targets, weights):
+  """(logits [B, C, vocab] float32, logsumexp, weighted cross-entropy sum) of one chunk."""
+  logits = jnp.einsum("bce,ve->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return logits, lse, jnp.sum((lse - picked) * weights)
+
+
+@jax.custom_vjp
+def _chunked_ce(hidden, targets, weights, head):
+  """Sum of weighted cross-entropies over chunked [N, B, C, ...] inputs."""
+  def body(total, xs):
+    return total + _ce_chunk(xs[0], head, xs[1], xs[2])[2], None
+  return jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, weights))[0]
+
+
+def _chunked_ce_fwd(hidden, targets, weights, head):
+  def body(total, xs):
+    h, t, w = xs
+    logits, lse, loss = _ce_chunk(h, head, t, w)
+    probs = jnp.exp(logits - lse[..., None])
+    dlogits = (probs - jax.nn.one_hot(t, head.shape[0], dtype=jnp.float32)) * w[..., None]
+    dh = jnp.einsum("bcv,ve->bce", dlogits.astype(h.dtype), head.astype(h.dtype),
+                    preferred_element_type=jnp.float32)
+    return total + loss, dh.astype(h.dtype)
+  total, dh = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, weights))
+  return total, dh
+
+
+def _chunked_ce_bwd(dh, g):
+  # The head is frozen and targets and weights are data: only `hidden` gets a cotangent.
+  return (g * dh).astype(dh.dtype), None, None, None
+
+
+_chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
+
+
+def init_train_state(rng, adapters, optimizer):
+  """The state `make_train_step`'s step takes: adapters, optimizer state, step, dropout rng.
+
+  Every leaf is placed on the adapters' mesh (replicated unless already laid out there), the
+  placement the step gives back, so the second step reuses the first one's compilation.
+  """
+  sharding = jax.tree.leaves(adapters)[0].sharding
+  mesh = sharding.mesh if isinstance(sharding, NamedSharding) else _single_device_mesh()
+  state = {"adapters": adapters, "opt_state": optimizer.init(adapters),
+           "step": jnp.zeros((), jnp.int32), "rng": rng}
+  return jax.tree.map(lambda x: _on_mesh(x, mesh), state)
+
+
+def _on_mesh(x, mesh):
+  if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+    return x
+  return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+
+
+def make_train_step(cfg, lora_cfg, optimizer):
+  """A jitted `step(state, params, batch) -> (state, metrics)` that trains the adapters only.
+
+  `state` comes from `init_train_state`; `batch` holds [B, T] "input_ids", "attention_mask" and
+  "loss_mask" (the tokens to predict, see `next_token_loss`). The base params are an argument
+  (not a baked-in constant), so one compiled step serves any weights of this shape; the state is
+  donated so its buffers are reused in place.
+  """
+  def loss_fn(adapters, params, batch, dropout_rng):
+    hidden, _ = apply(cfg, params, adapters, lora_cfg, batch["input_ids"],
+                      batch["attention_mask"], method=Decoder.hidden, dropout_rng=dropout_rng)
+    return hidden_next_token_loss(hidden, output_matrix(cfg, params), batch["input_ids"],
+                                  batch["loss_mask"])
+
+  def step(state, params, batch):
+    rng, dropout_rng = jax.random.split(state["rng"])
+    loss, grads = jax.value_and_grad(loss_fn)(
+        state["adapters"], params, batch, dropout_rng if lora_cfg.dropout > 0 else None)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["adapters"])
+    new_state = {"adapters": optax.apply_updates(state["adapters"], updates),
+                 "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+  return jax.jit(step, donate_argnums=0)
