@@ -1,9 +1,11 @@
-"""Quickstart: the whole pipeline on a small synthetic dataset, on a CPU, in minutes.
+"""Quickstart: every stage on a small synthetic dataset and a tiny random decoder, on a CPU.
 
   python -m rallrec_jax.main --config configs/quickstart.py --workdir workdirs/quickstart
 
 The synthetic data has planted taste clusters, item text tied to them and taste drift over
-time. `runlocal=true` shrinks it further (as the tests do); `ratings=N` sets the number of ratings.
+time; the decoder is a 2-layer random model with a word-level tokenizer built from the items'
+text (no download). Expected: a few minutes on 2 CPU cores. `runlocal=true` shrinks data,
+model and epochs further (as the tests do); `ratings=N` sizes the data.
 """
 from rallrec_jax import config as config_lib
 
@@ -13,9 +15,27 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.data.name = "synthetic"
   c.data.synthetic.num_ratings = arg.ratings
+  c.model.path = ""
+  c.describe.max_new_tokens = 32
+  c.describe.batch_size = 32
+  c.cf.epochs = 20
+  c.align.epochs = 50
+  c.align.batch_size = 64
+  c.index.neighbors = 10
+  c.index.recommend_n = 10
+  c.retrieval.k = 10
   if arg.runlocal:
     c.data.synthetic.num_users = 60
     c.data.synthetic.num_items = 80
     c.data.synthetic.num_ratings = 2400
-  c.retrieval.k = 10
+    c.model.tiny.hidden_size = 32
+    c.model.tiny.intermediate_size = 64
+    c.describe.max_new_tokens = 8
+    c.embed.pca_dim = 32
+    c.cf.dim = 32
+    c.cf.epochs = 3
+    c.align.hidden = 32
+    c.align.dim = 16
+    c.align.epochs = 5
+    c.align.batch_size = 32
   return c

@@ -190,8 +190,14 @@ def sample_negatives(rng, users, num_items, positives):
 
 
 def epoch_batches(rng, positives, num_items, batch_size):
-  """Shuffled positive pairs with fresh negatives, as {"user", "pos", "neg"} numpy batches."""
+  """Shuffled positive pairs with fresh negatives, as {"user", "pos", "neg"} numpy batches.
+
+  Pairs of users who rated every item are left out: with no negative they carry no BPR signal
+  (they still shape the graph).
+  """
   user, item = positives.pairs()
+  trainable = np.diff(positives.offsets)[user] < num_items
+  user, item = user[trainable], item[trainable]
   order = rng.permutation(len(user))
   user, item = user[order], item[order]
   neg = sample_negatives(rng, user, num_items, positives)

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -102,26 +103,6 @@ def abstract_params(cfg):
   return jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), ids))["params"]
 
 
-def _flatten(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return tree
-
-
 def param_shardings(cfg, mesh=None, rules=parallel.DEFAULT_RULES):
   """Shardings of every param on `mesh` (one device when None)."""
   mesh = mesh or parallel.make_mesh((("data", 1),), jax.devices()[:1])
@@ -132,8 +113,8 @@ def load_params(folder, cfg, shardings=None):
   """The decoder's params from a HF folder, each read shard by shard into its sharding."""
   checkpoint = safetensors_io.Checkpoint(folder)
   shardings = shardings or param_shardings(cfg)
-  boxed = _flatten(nn.meta.unbox(abstract_params(cfg)))
-  targets = _flatten(shardings)
+  boxed = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)))
+  targets = traverse_util.flatten_dict(shardings)
   table = key_table(cfg)
   available = set(checkpoint.names())
   expected = {name for name, _ in table.values()}
@@ -160,14 +141,14 @@ def load_params(folder, cfg, shardings=None):
       return transform(hf, index, shape).astype(dtype)
 
     params[path] = jax.make_array_from_callback(shape, targets[path], read)
-  return _unflatten(params)
+  return traverse_util.unflatten_dict(params)
 
 
 def export(params, cfg, folder, tokenizer_from=None, dtype="float32"):
   """Write a HF folder (config.json, model.safetensors, tokenizer files) transformers can load."""
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  flat = _flatten(params)
+  flat = traverse_util.flatten_dict(params)
   np_dtype = jnp.dtype(dtype)
   tensors = {}
   for path, (name, transform) in key_table(cfg).items():

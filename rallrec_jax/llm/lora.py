@@ -13,6 +13,7 @@ import math
 import zlib
 from pathlib import Path
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -59,26 +60,6 @@ class LoraConfig:
     return self.alpha / self.rank
 
 
-def _flatten(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return tree
-
-
 def _path_id(path):
   """A stable integer per module path, so each module gets its own random stream."""
   return zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF
@@ -87,7 +68,7 @@ def _path_id(path):
 def specs(cfg, lora_cfg):
   """{(*module path, "a" | "b"): (shape, logical axes)}, derived from the base kernels."""
   out = {}
-  for path, leaf in _flatten(hf_io.abstract_params(cfg)).items():
+  for path, leaf in traverse_util.flatten_dict(hf_io.abstract_params(cfg)).items():
     if path[-1] != "kernel" or path[-2] not in lora_cfg.targets:
       continue
     n, shape, names = IN_NDIM[path[-2]], leaf.value.shape, tuple(leaf.names)
@@ -98,7 +79,7 @@ def specs(cfg, lora_cfg):
 
 def shardings(cfg, lora_cfg, mesh, rules=parallel.DEFAULT_RULES):
   """Adapter shardings: A follows the kernel's input axes, B its output axes."""
-  return _unflatten({path: parallel.logical_sharding(shape, names, mesh, rules)
+  return traverse_util.unflatten_dict({path: parallel.logical_sharding(shape, names, mesh, rules)
                      for path, (shape, names) in specs(cfg, lora_cfg).items()})
 
 
@@ -121,7 +102,7 @@ def init(rng, cfg, lora_cfg, mesh=None, rules=parallel.DEFAULT_RULES):
   shapes = {path: shape for path, (shape, _) in specs(cfg, lora_cfg).items()}
 
   def build(rng):
-    return _unflatten({path: _draw(rng, path, shape) for path, shape in shapes.items()})
+    return traverse_util.unflatten_dict({path: _draw(rng, path, shape) for path, shape in shapes.items()})
 
   out_shardings = shardings(cfg, lora_cfg, mesh or _single_device_mesh(), rules)
   return jax.jit(build, out_shardings=out_shardings)(rng)
@@ -170,8 +151,8 @@ def apply(cfg, params, adapters, lora_cfg, *args, method=None, dropout_rng=None,
 
 def merge(params, adapters, lora_cfg):
   """Params with W + scale * A @ B folded into each adapted kernel, in the kernel's dtype."""
-  flat = _flatten(params)
-  for path, a in _flatten(adapters).items():
+  flat = traverse_util.flatten_dict(params)
+  for path, a in traverse_util.flatten_dict(adapters).items():
     if path[-1] != "a":
       continue
     module = path[:-1]
@@ -180,7 +161,7 @@ def merge(params, adapters, lora_cfg):
     delta = jnp.tensordot(a, b, axes=1, precision=jax.lax.Precision.HIGHEST)
     flat[module + ("kernel",)] = (kernel.astype(jnp.float32)
                                   + lora_cfg.scale * delta).astype(kernel.dtype)
-  return _unflatten(flat)
+  return traverse_util.unflatten_dict(flat)
 
 
 def save(adapters, lora_cfg, folder, cfg):
@@ -188,7 +169,7 @@ def save(adapters, lora_cfg, folder, cfg):
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   tensors = {"/".join(path): (a.shape, np.float32, lambda a=a: np.asarray(jax.device_get(a)))
-             for path, a in _flatten(adapters).items()}
+             for path, a in traverse_util.flatten_dict(adapters).items()}
   safetensors_io.save(folder / WEIGHTS, tensors, {"format": "rallrec-lora"})
   meta = {"lora": dataclasses.asdict(lora_cfg),
           "base": {f: getattr(cfg, f) for f in BASE_FIELDS}}
@@ -222,13 +203,13 @@ def load(folder, cfg=None, mesh=None, rules=parallel.DEFAULT_RULES, rank=None):
                                                             expected_cfg).items()}
   file = safetensors_io.SafetensorsFile(Path(folder) / WEIGHTS)
   _check(file, expected, expected_cfg)
-  targets = _flatten(shardings(cfg or stored_base, expected_cfg, mesh or _single_device_mesh(),
+  targets = traverse_util.flatten_dict(shardings(cfg or stored_base, expected_cfg, mesh or _single_device_mesh(),
                                rules))
   flat = {}
   for name in expected:
     path = tuple(name.split("/"))
     flat[path] = jax.device_put(np.array(file.tensor(name), np.float32), targets[path])
-  return _unflatten(flat), lora_cfg
+  return traverse_util.unflatten_dict(flat), lora_cfg
 
 
 def _check(file, expected, lora_cfg):
