@@ -26,6 +26,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+LOG_EVERY = 10  # epochs between log lines (every epoch is in the returned history)
+
+
 def init(rng, text_dim, cf_dim, hidden=256, out_dim=64):
   """One MLP per view, plus identity standardisation until `train` fits it."""
   text_rng, cf_rng = jax.random.split(rng)
@@ -115,8 +118,9 @@ def train(text, cf, train_items, heldout_items, *, hidden=256, out_dim=64, tempe
               "heldout_top1": top1(zt, zc)}
     history.append(record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", top1=f"{record['heldout_top1']:.3f}")
-    log(f"align epoch {epoch}: loss {record['loss']:.4f} "
-        f"heldout_top1 {record['heldout_top1']:.3f}")
+    if epoch % LOG_EVERY == 0 or epoch == epochs:
+      log(f"align epoch {epoch}: loss {record['loss']:.4f} "
+          f"heldout_top1 {record['heldout_top1']:.3f}")
   return {**weights, "norm": norm}, history
 
 

@@ -8,7 +8,6 @@ where a run was interrupted.
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -57,7 +56,6 @@ def describe(lm, items, dataset, path, *, batch_size=16, max_new_tokens=128, tem
   """
   done = read_done(path)
   todo = [it for it in items if it["id"] not in done]
-  start = time.time()
   bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="item", desc="describe",
              disable=not progress)
   with open(path, "a", encoding="utf-8") as f:
@@ -74,6 +72,5 @@ def describe(lm, items, dataset, path, *, batch_size=16, max_new_tokens=128, tem
       f.flush()
       os.fsync(f.fileno())
       bar.update(len(batch))
-      bar.set_postfix(items_per_s=f"{(i + len(batch)) / max(time.time() - start, 1e-9):.2f}")
   bar.close()
   return done
