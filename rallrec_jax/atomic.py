@@ -6,19 +6,26 @@ import tempfile
 from pathlib import Path
 
 
-def write_text(path, text):
-  """Write `text` to `path` through a temporary file in the same folder, then rename."""
+@contextlib.contextmanager
+def open_file(path, mode="wb"):
+  """A file object on a temporary name beside `path`; renamed to `path` only on success."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
+    with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+      yield f
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
+
+
+def write_text(path, text):
+  """Write `text` to `path` through a temporary file in the same folder, then rename."""
+  with open_file(path, "w") as f:
+    f.write(text)
 
 
 @contextlib.contextmanager

@@ -101,7 +101,7 @@ def parse_arg(arg, defaults):
       continue
     if "=" not in part:
       raise _error(f"arg {part!r}", "config args are key=value pairs separated by commas, "
-                        f"e.g. path=/data/ml-1m")
+                   "e.g. path=/data/ml-1m")
     key, value = (s.strip() for s in part.split("=", 1))
     if key not in defaults:
       raise _error(f"arg {key!r}", f"unknown; this config takes {sorted(defaults)}")

@@ -7,7 +7,6 @@ never leaves a half-written artifact.
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -29,12 +28,8 @@ MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json
 
 def save_array(path, array):
   """np.save through a temporary name in the same folder."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  with open(tmp, "wb") as f:
+  with atomic.open_file(path) as f:
     np.save(f, np.asarray(array))
-  os.replace(tmp, path)
 
 
 def save_json(path, value):

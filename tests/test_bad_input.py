@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from rallrec_jax import data, pipeline
+from rallrec_jax import data
 from rallrec_jax.data import schema
 from tests.conftest import REPO
 from tests.test_movielens import data_config, random_ratings, write_ml1m

@@ -16,7 +16,7 @@ import numpy as np
 
 from rallrec_jax import parallel
 from rallrec_jax.llm import safetensors_io
-from rallrec_jax.llm.config import CheckpointError, LMConfig
+from rallrec_jax.llm.config import CheckpointError
 from rallrec_jax.llm.model import Decoder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -12,6 +12,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from rallrec_jax import atomic
 from rallrec_jax.llm.config import CheckpointError
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -111,9 +112,7 @@ def save(path, tensors, metadata=None):
     offset += nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  path = Path(path)
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "wb") as f:
+  with atomic.open_file(path) as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for name, (shape, dtype, fetch) in tensors.items():
@@ -121,4 +120,3 @@ def save(path, tensors, metadata=None):
       if array.shape != tuple(shape):
         raise ValueError(f"tensor {name}: shape {array.shape}, header says {tuple(shape)}")
       f.write(array.tobytes())
-  tmp.replace(path)

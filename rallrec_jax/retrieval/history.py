@@ -26,17 +26,15 @@ Orders (prompt order of the K items):
 """
 import collections
 import concurrent.futures
-import contextlib
-import os
-import tempfile
 import typing
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
+
+from rallrec_jax import atomic
 
 ORDERS = ("simple", "high", "sequential", "rerank", "fusion")
 MAX_BLOCK = 64           # samples per block, at most
@@ -340,17 +338,8 @@ def retrieve(dataset, split, embeddings, *, k=30, order="rerank", max_history=0,
 
 def save(result, path):
   """Write a `retrieve` result to `path` (.npz) through a temporary file, then rename."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **result)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
+  with atomic.open_file(path) as f:
+    np.savez(f, **result)
 
 
 def load(path):

@@ -1,0 +1,141 @@
+"""Prompts as token ids: rendering, chat wrapping, answer masks and fitting to a length budget.
+
+Loss mask: 1 exactly on the tokens of the answer text ("Yes." or "No.") as the tokenizer splits
+it right after the prompt; the chat template's end-of-turn token is not appended, so the model
+learns the answer and nothing else (PAPER.md step 9).
+
+Fitting: when a prompt is longer than `max_length` tokens, history items are dropped, never the
+profile, instructions or question. Which end of the list goes first depends on the retrieval
+order (`DROP`): orders listing items oldest first drop the oldest; "high" drops the least
+similar (the last); "rerank" drops from the end, so the recency fillers go before the
+retrieved items, and of those the oldest goes first.
+"""
+import numpy as np
+
+from rallrec_jax.llm.tokenizer import chat_prompt
+from rallrec_jax.prompts import templates
+
+DROP = {"simple": "first", "sequential": "first", "fusion": "first", "high": "last",
+        "rerank": "last"}
+
+
+def render_prompt(user, history, target, dataset_name):
+  """The question text of one sample; `history` is (title, rating) pairs in prompt order."""
+  lines = [templates.item_line(title, rating) for title, rating in history]
+  return templates.prompt(templates.kind_of(dataset_name), user, lines, target)
+
+
+def encode(tokenizer, user_text, answer=None):
+  """input_ids and loss_mask (int32 arrays) of `user_text` in the chat template, plus `answer`.
+
+  With a chat template the text already holds its special tokens, so none are added; without
+  one the tokenizer adds its own. The answer's tokens are found as what tokenizing the prompt
+  with the answer adds to the prompt alone, so a tokenizer that merges across the boundary
+  fails loudly instead of masking the wrong tokens.
+  """
+  text = chat_prompt(tokenizer, user_text)
+  special = not getattr(tokenizer, "chat_template", None)
+  prompt_ids = tokenizer(text, add_special_tokens=special).input_ids
+  ids = prompt_ids
+  if answer is not None:
+    ids = tokenizer(text + answer, add_special_tokens=special).input_ids
+    if ids[:len(prompt_ids)] != prompt_ids or len(ids) == len(prompt_ids):
+      raise ValueError(f"cannot isolate the tokens of the answer {answer!r} after the prompt")
+  mask = np.zeros(len(ids), np.int32)
+  mask[len(prompt_ids):] = 1
+  return {"input_ids": np.asarray(ids, np.int32), "loss_mask": mask}
+
+
+def _kept(history, n, drop):
+  """The n history items left after dropping from the `drop` end ("first" or "last")."""
+  return history[:n] if drop == "last" else history[len(history) - n:]
+
+
+def encode_fitted(tokenizer, user, history, target, dataset_name, *, answer=None,
+                  max_length=None, drop="last"):
+  """`encode` of the sample's prompt with as many history items as fit in `max_length` tokens.
+
+  The count is found by binary search (prompt length grows with the item count), so a K-item
+  history costs about log2(K) tokenizations. Adds "kept", the number of items left.
+  """
+  if drop not in ("first", "last"):
+    raise ValueError(f"drop must be 'first' or 'last', got {drop!r}")
+  history = list(history)
+
+  def attempt(n):
+    text = render_prompt(user, _kept(history, n, drop), target, dataset_name)
+    return dict(encode(tokenizer, text, answer), kept=n)
+
+  def fits(enc):
+    return max_length is None or len(enc["input_ids"]) <= max_length
+
+  best = attempt(len(history))
+  if fits(best):
+    return best
+  best = attempt(0)
+  if not fits(best):
+    raise ValueError(f"the prompt takes {len(best['input_ids'])} tokens with no history items, "
+                     f"more than max_length={max_length}")
+  lo, hi = 0, len(history)
+  while hi - lo > 1:
+    enc = attempt((lo + hi) // 2)
+    if fits(enc):
+      lo, best = enc["kept"], enc
+    else:
+      hi = enc["kept"]
+  return best
+
+
+def history_ratings(dataset, split, result):
+  """Ratings [N, K] of the retrieved history items (NaN where the history is -1 padded).
+
+  Each item's rating is the user's latest rating of it before the sample. Timeline rows are
+  keyed by (user, item, row) in one sorted int64 code, so every lookup is one searchsorted.
+  """
+  t = dataset.timelines
+  scale = len(t.item) + 1
+  if dataset.num_users * dataset.num_items * scale >= 2 ** 62:
+    raise ValueError("dataset too large for int64 (user, item, row) codes")
+  row_user = np.repeat(np.arange(dataset.num_users, dtype=np.int64), np.diff(t.offsets))
+  code = (row_user * dataset.num_items + t.item) * scale + np.arange(len(t.item))
+  order = np.argsort(code)
+  user = np.asarray(result["user"], np.int64)[:, None]
+  hist = np.asarray(result["history"], np.int64)
+  end = t.offsets[user] + dataset.splits[split].pos[np.asarray(result["sample"])][:, None]
+  query = (user * dataset.num_items + hist) * scale + end
+  at = np.searchsorted(code[order], query) - 1
+  row = order[np.maximum(at, 0)]
+  valid = hist >= 0
+  found = (at >= 0) & (code[row] // scale == query // scale)
+  if (valid & ~found).any():
+    raise ValueError("a retrieved item is not in its sample's history")
+  return np.where(valid, t.rating[row], np.nan)
+
+
+def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length=1024,
+                   order="rerank"):
+  """Token ids and loss masks of every sample of a `retrieve` result, in its row order.
+
+  labels=True appends each sample's answer (training); False leaves the prompt open for
+  scoring. `order` is the retrieval order that made `result`; it picks the items dropped first
+  when a prompt is too long. Returns input_ids and loss_mask (lists of int32 arrays), label
+  (int8 [N]), sample (index in the split [N]) and kept (history items in each prompt [N]).
+  """
+  if order not in DROP:
+    raise ValueError(f"unknown retrieval order {order!r}; known: {sorted(DROP)}")
+  name = dataset.meta["name"]
+  samples = dataset.splits[split]
+  sample = np.asarray(result["sample"], np.int64)
+  label = samples.label[sample].astype(np.int8)
+  ratings = history_ratings(dataset, split, result)
+  out = {"input_ids": [], "loss_mask": [], "kept": []}
+  for i, (user, target, hist) in enumerate(zip(result["user"], result["target"],
+                                               result["history"])):
+    pairs = [(dataset.items[item]["title"], rating)
+             for item, rating in zip(hist, ratings[i]) if item >= 0]
+    enc = encode_fitted(tokenizer, dataset.users[user], pairs, dataset.items[target]["title"],
+                        name, answer=templates.ANSWERS[bool(label[i])] if labels else None,
+                        max_length=max_length, drop=DROP[order])
+    for key in out:
+      out[key].append(enc[key])
+  return dict(out, kept=np.asarray(out["kept"], np.int32), label=label, sample=sample)
