@@ -1,0 +1,134 @@
+"""Scoring token-id prompts with the base model or LoRA adapters, metrics, and eval files.
+
+P(yes) is the two-way softmax of the raw (yes, no) logits, sigmoid(logit_yes - logit_no), never
+a softmax of probabilities (PAPER.md, known defects). The logits are kept so that one
+temperature, fitted on the validation split only, can report a calibrated log loss beside the
+raw one; it divides the logit gap and so leaves AUC and the 0.5-threshold accuracy unchanged.
+"""
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rallrec_jax import atomic
+from rallrec_jax.eval import metrics
+from rallrec_jax.llm import lora, score
+from rallrec_jax.llm.model import Decoder
+from rallrec_jax.train import batches
+
+# Temperatures searched by `fit_temperature`, as log10 bounds, and the search's step count.
+LOG10_T_RANGE = (-2.0, 3.0)
+SEARCH_STEPS = 80
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def lora_yes_no_logits(cfg, params, adapters, lora_cfg, input_ids, attention_mask, yes_id,
+                       no_id):
+  """`score.yes_no_logits` with the adapters added to the base model (no dropout)."""
+  hidden, _ = lora.apply(cfg, params, adapters, lora_cfg, input_ids, attention_mask,
+                         method=Decoder.hidden)
+  rows = Decoder(cfg).apply({"params": params}, jnp.stack([yes_id, no_id]),
+                            method=Decoder.answer_rows)
+  return jnp.einsum("be,ne->bn", hidden[:, -1].astype(jnp.float32), rows.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def score_examples(lm, examples, yes_id, no_id, adapters=None, lora_cfg=None, batch_size=16,
+                   bucket=32):
+  """[N, 2] float32 (yes, no) logits of prompt-only examples, in their order.
+
+  Examples are sorted by length and cut into batches of `batch_size` rows (short batches repeat
+  their last prompt), each left-padded to a multiple of `bucket` tokens, so few shapes compile.
+  With a mesh, `batch_size` must divide by the mesh's batch ways.
+  """
+  if any(np.any(m) for m in examples["loss_mask"]):
+    raise ValueError("scoring needs prompt-only examples (build_examples with labels=False)")
+  if (adapters is None) != (lora_cfg is None):
+    raise ValueError("pass both adapters and lora_cfg, or neither")
+  lengths = np.array([len(ids) for ids in examples["input_ids"]], np.int64)
+  if (lengths == 0).any():
+    raise ValueError(f"example {int(np.argmax(lengths == 0))} has no tokens")
+  yes_id, no_id = np.int32(yes_id), np.int32(no_id)
+  pad_id = lm.tokenizer.pad_token_id or 0
+  out = np.zeros((len(lengths), 2), np.float32)
+  order = np.argsort(-lengths, kind="stable")
+  for begin in range(0, len(order), batch_size):
+    rows = order[begin:begin + batch_size]
+    filled = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows))])
+    batch = batches.pad_batch(examples, filled, pad_id, bucket)
+    ids, mask = lm.place(batch["input_ids"]), lm.place(batch["attention_mask"])
+    if adapters is None:
+      logits = score.yes_no_logits(lm.cfg, lm.params, ids, mask, yes_id, no_id)
+    else:
+      logits = lora_yes_no_logits(lm.cfg, lm.params, adapters, lora_cfg, ids, mask, yes_id,
+                                  no_id)
+    out[rows] = np.asarray(logits)[:len(rows)]
+  return out
+
+
+def logit_gap(logits):
+  """logit_yes - logit_no (float64): P(yes) is its sigmoid."""
+  logits = np.asarray(logits, np.float64)
+  return logits[:, 0] - logits[:, 1]
+
+
+def sigmoid(x):
+  """Overflow-free logistic function."""
+  return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, np.float64)))
+
+
+def _nll(logit_diff, labels, temperature):
+  """Mean log loss of sigmoid(logit_diff / temperature), computed from the logits (no clipping)."""
+  signed = np.where(np.asarray(labels).astype(bool), 1.0, -1.0) * logit_diff / temperature
+  return float(np.mean(np.logaddexp(0.0, -signed)))
+
+
+def fit_temperature(logit_diff, labels):
+  """The temperature T > 0 minimising the log loss of sigmoid(logit_diff / T) on `labels`.
+
+  Fit on the validation split only. The loss is convex in 1/T, hence unimodal in log T, so a
+  golden-section search over log T finds the minimum; if the result does not beat T = 1 on the
+  reported (clipped) log loss, 1.0 is returned, so calibration never worsens these labels.
+  """
+  diff = np.asarray(logit_diff, np.float64)
+  if len(diff) == 0 or len(diff) != len(labels):
+    raise ValueError(f"need matching non-empty logits and labels, got {len(diff)}, "
+                     f"{len(labels)}")
+  ratio = (np.sqrt(5.0) - 1.0) / 2.0
+  lo, hi = LOG10_T_RANGE
+  for _ in range(SEARCH_STEPS):
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    if _nll(diff, labels, 10.0 ** a) <= _nll(diff, labels, 10.0 ** b):
+      hi = b
+    else:
+      lo = a
+  fitted = 10.0 ** ((lo + hi) / 2.0)
+  if metrics.logloss(labels, sigmoid(diff / fitted)) <= metrics.logloss(labels, sigmoid(diff)):
+    return float(fitted)
+  return 1.0
+
+
+def evaluate_split(labels, logits, temperature=None):
+  """auc, logloss, acc, n of P(yes) = sigmoid(logit_yes - logit_no) from [N, 2] logits; with a
+  `temperature` (fitted on validation) also the log loss of sigmoid(gap / temperature)."""
+  diff = logit_gap(logits)
+  out = metrics.all_metrics(labels, sigmoid(diff))
+  out["temperature"] = None if temperature is None else float(temperature)
+  out["logloss_calibrated"] = (None if temperature is None
+                               else metrics.logloss(labels, sigmoid(diff / temperature)))
+  return out
+
+
+def write_eval(folder, split, metrics_dict, samples, labels, scores):
+  """Write eval/{split}.json and eval/{split}_predictions.npz (sample, label, score) under
+  `folder`, each atomically; returns the two paths."""
+  out = Path(folder) / "eval"
+  summary, predictions = out / f"{split}.json", out / f"{split}_predictions.npz"
+  atomic.write_text(summary, json.dumps(metrics_dict, indent=2, sort_keys=True) + "\n")
+  with atomic.open_file(predictions) as f:
+    np.savez(f, sample=np.asarray(samples, np.int64), label=np.asarray(labels, np.int8),
+             score=np.asarray(scores, np.float32))
+  return summary, predictions

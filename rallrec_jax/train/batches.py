@@ -1,0 +1,66 @@
+"""Batches of token-id examples: left padding to bucketed lengths and a resumable shuffle.
+
+Left padding puts every row's last real token at the last position, where the scorer reads the
+answer logits, so training and scoring see prompts laid out the same way. Lengths are rounded
+up to a multiple of `bucket` so that only a few shapes are ever compiled.
+
+The shuffle is a pure function of (seed, epoch), and `start` counts examples already consumed,
+so a run resumed from a step count continues with exactly the batches it would have seen.
+"""
+import numpy as np
+
+
+def pad_batch(examples, rows, pad_id, bucket=32):
+  """{"input_ids", "attention_mask", "loss_mask"}: left-padded int32 [len(rows), T] arrays.
+
+  `examples` holds "input_ids" and "loss_mask" lists (as `build_examples` returns them); T is
+  the longest of `rows` rounded up to a multiple of `bucket`.
+  """
+  rows = list(rows)
+  if not rows:
+    raise ValueError("a batch needs at least one row")
+  longest = max(len(examples["input_ids"][i]) for i in rows)
+  length = -(-longest // bucket) * bucket
+  out = {"input_ids": np.full((len(rows), length), pad_id, np.int32),
+         "attention_mask": np.zeros((len(rows), length), np.int32),
+         "loss_mask": np.zeros((len(rows), length), np.int32)}
+  for r, i in enumerate(rows):
+    n = len(examples["input_ids"][i])
+    out["input_ids"][r, length - n:] = examples["input_ids"][i]
+    out["attention_mask"][r, length - n:] = 1
+    out["loss_mask"][r, length - n:] = examples["loss_mask"][i]
+  return out
+
+
+def permutation(num_examples, seed, epoch=0):
+  """The example order of one epoch, a function of (seed, epoch) alone."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def batches(examples, batch_size, seed, start=0):
+  """Row-index arrays of one shuffled epoch, skipping the first `start` examples of its order.
+
+  The last batch may be short: every example is seen once per epoch.
+  """
+  return _epoch_batches(len(examples["input_ids"]), batch_size, seed, 0, start)
+
+
+def epochs(examples, batch_size, seed, start=0):
+  """(epoch, row indices) forever, a new order each epoch; `start` counts examples from the
+  very beginning of training, across epochs. Batches never straddle two epochs."""
+  n = len(examples["input_ids"])
+  if n == 0:
+    raise ValueError("cannot draw batches from no examples")
+  epoch, offset = divmod(start, n)
+  while True:
+    for rows in _epoch_batches(n, batch_size, seed, epoch, offset):
+      yield epoch, rows
+    epoch, offset = epoch + 1, 0
+
+
+def _epoch_batches(n, batch_size, seed, epoch, start):
+  """Batches of one epoch's order from `start`; bad arguments fail at the call, not later."""
+  if batch_size <= 0 or not 0 <= start <= n:
+    raise ValueError(f"batch_size={batch_size} must be positive and start={start} in [0, {n}]")
+  order = permutation(n, seed, epoch)
+  return (order[begin:begin + batch_size] for begin in range(start, n, batch_size))

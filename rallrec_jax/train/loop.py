@@ -1,0 +1,192 @@
+"""A resumable LoRA training loop: AdamW, gradient accumulation, evaluation, checkpoints.
+
+`fit` counts optimizer updates; each update consumes `grad_accum` batches. Everything a resumed
+run needs to continue exactly (adapters, optimizer and accumulator state, rng, the number of
+examples consumed, the best evaluation so far) goes into every checkpoint, so stopping and
+resuming gives the same adapters as one uninterrupted run.
+"""
+import contextlib
+import functools
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from rallrec_jax import parallel
+from rallrec_jax.llm import lora
+from rallrec_jax.train import checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def schedule(lr, steps):
+  """Linear decay from `lr` to 0 over `steps` updates, without warmup."""
+  return optax.linear_schedule(lr, 0.0, max(steps, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _trainer(cfg, lora_cfg, steps, lr, weight_decay, grad_accum):
+  """(optimizer, jitted step), cached so repeated runs of one setup compile once."""
+  inner = optax.adamw(schedule(lr, steps), weight_decay=weight_decay)
+  optimizer = optax.MultiSteps(inner, every_k_schedule=grad_accum)
+  return optimizer, lora.make_train_step(cfg, lora_cfg, optimizer)
+
+
+def _fresh_state(lm, lora_cfg, optimizer, seed):
+  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
+  adapters = lora.init(init_rng, lm.cfg, lora_cfg, lm.mesh, lm.rules)
+  return lora.init_train_state(dropout_rng, adapters, optimizer)
+
+
+def _fresh_meta(lm, lora_cfg, steps, grad_accum):
+  return {"position": 0, "best_step": None, "best_auc": None,
+          "evals_without_improvement": 0, "done": False, "steps": steps,
+          "grad_accum": grad_accum, **checkpoint.compat(lm.cfg, lora_cfg)}
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+  """Within: SIGTERM sets the yielded event instead of killing the process mid-write."""
+  flag = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+class _Metrics:
+  """Appends one JSON object per logged step to `path` (nothing when `path` is None)."""
+
+  def __init__(self, path):
+    self.path = None if path is None else Path(path)
+    if self.path is not None:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+
+  def write(self, record):
+    if self.path is not None:
+      with self.path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _update(step_fn, state, lm, batches, grad_accum, meta):
+  """One optimizer update over `grad_accum` batches: (state, mean loss, tokens)."""
+  losses, tokens = [], 0
+  for _ in range(grad_accum):
+    batch = next(batches, None)
+    if batch is None:
+      raise ValueError(f"train_batches_fn ran out of batches at example {meta['position']}")
+    placed = {k: lm.place(np.asarray(v, np.int32)) for k, v in batch.items()}
+    with parallel.activation_sharding(lm.mesh, lm.rules):
+      state, metrics = step_fn(state, lm.params, placed)
+    losses.append(metrics["loss"])
+    tokens += int(np.sum(batch["attention_mask"]))
+    meta["position"] += len(batch["input_ids"])
+  return state, float(np.mean([float(x) for x in losses])), tokens
+
+
+def _evaluate(eval_fn, adapters, step, meta):
+  """Run `eval_fn`, update the best step in `meta`; True when this evaluation improved."""
+  result = {k: float(v) for k, v in eval_fn(adapters).items()}
+  auc = result["auc"]
+  improved = meta["best_auc"] is None or auc > meta["best_auc"]
+  if improved:
+    meta.update(best_step=step, best_auc=auc, evals_without_improvement=0)
+  else:
+    meta["evals_without_improvement"] += 1
+  log.info("step %d: eval %s (best auc %.6f at step %d)", step, result, meta["best_auc"],
+           meta["best_step"])
+  return result
+
+
+def _summary(status, step, meta, adapters, loss=None):
+  return {"status": status, "step": step, "examples_seen": meta["position"],
+          "best_step": meta["best_step"], "best_auc": meta["best_auc"], "final_loss": loss,
+          "adapters": adapters}
+
+
+def _start(mngr, lm, lora_cfg, optimizer, seed, steps, grad_accum):
+  """(state, meta, step): the newest checkpoint if there is one, else a fresh start."""
+  state = _fresh_state(lm, lora_cfg, optimizer, seed)
+  if checkpoint.latest_step(mngr) is None:
+    return state, _fresh_meta(lm, lora_cfg, steps, grad_accum), 0
+  state, meta = checkpoint.restore(mngr, checkpoint.abstract(state),
+                                   expect=checkpoint.compat(lm.cfg, lora_cfg))
+  step = int(state["step"]) // meta["grad_accum"]
+  log.info("resuming from %s at step %d (%d examples seen)", mngr.directory, step,
+           meta["position"])
+  return state, meta, step
+
+
+def fit(lm, lora_cfg, train_batches_fn, *, steps, lr=5e-4, weight_decay=0.0, grad_accum=1,
+        checkpoint_dir, save_every, eval_fn=None, eval_every=None, patience=None,
+        metrics_path=None, seed=0, progress=True):
+  """Train LoRA adapters on `lm` for `steps` optimizer updates; returns a summary dict.
+
+  `train_batches_fn(position)` yields dict batches of [B, T] "input_ids", "attention_mask" and
+  "loss_mask" starting at example `position`, the same ones every time, so a run resumed from
+  `checkpoint_dir` continues on the data it would have seen. `eval_fn(adapters)` returns a dict
+  with "auc"; the best step is kept and, with `patience`, training stops after that many
+  evaluations without improvement. SIGTERM saves a checkpoint and returns status "preempted".
+  """
+  optimizer, step_fn = _trainer(lm.cfg, lora_cfg, steps, lr, weight_decay, grad_accum)
+  mngr = checkpoint.manager(checkpoint_dir)
+  try:
+    state, meta, step = _start(mngr, lm, lora_cfg, optimizer, seed, steps, grad_accum)
+    if meta["done"] or step >= steps:
+      log.warning("TRAINING ALREADY COMPLETE: %s holds step %d of %d; nothing to train",
+                  checkpoint_dir, step, steps)
+      return _summary("already_complete", step, meta, state["adapters"])
+    with _sigterm_flag() as preempted:
+      return _train(lm, step_fn, state, meta, step, mngr, train_batches_fn, preempted,
+                    dict(steps=steps, lr=lr, grad_accum=grad_accum, save_every=save_every,
+                         eval_fn=eval_fn, eval_every=eval_every, patience=patience,
+                         metrics=_Metrics(metrics_path), progress=progress))
+  finally:
+    mngr.close()
+
+
+def _train(lm, step_fn, state, meta, step, mngr, train_batches_fn, preempted, opts):
+  """The loop proper, from `step` to the end, an early stop or a preemption."""
+  steps, lr_at = opts["steps"], schedule(opts["lr"], opts["steps"])
+  batches = iter(train_batches_fn(meta["position"]))
+  bar = tqdm(total=steps, initial=step, disable=not opts["progress"], desc="lora")
+  start, first, loss, status = time.perf_counter(), step, None, "complete"
+  while step < steps:
+    tick = time.perf_counter()
+    state, loss, tokens = _update(step_fn, state, lm, batches, opts["grad_accum"], meta)
+    step += 1
+    now = time.perf_counter()
+    record = {"step": step, "loss": loss, "lr": float(lr_at(step - 1)),
+              "tokens_per_s": tokens / max(now - tick, 1e-9), "examples_seen": meta["position"],
+              "eta_s": (now - start) / (step - first) * (steps - step)}
+    if opts["eval_fn"] is not None and (step == steps or (opts["eval_every"]
+                                                          and step % opts["eval_every"] == 0)):
+      record["eval"] = _evaluate(opts["eval_fn"], state["adapters"], step, meta)
+    opts["metrics"].write(record)
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}")
+    if opts["patience"] and meta["evals_without_improvement"] >= opts["patience"]:
+      status = "early_stopped"
+      log.info("step %d: no improvement in %d evaluations, stopping", step, opts["patience"])
+      break
+    if preempted.is_set():
+      status = "preempted"
+      log.warning("step %d: SIGTERM received, saving a checkpoint and stopping", step)
+      break
+    if step % opts["save_every"] == 0 and step < steps:
+      checkpoint.save(mngr, step, state, meta)
+  bar.close()
+  meta["done"] = status != "preempted"
+  checkpoint.save(mngr, step, state, meta)
+  return _summary(status, step, meta, state["adapters"], loss)

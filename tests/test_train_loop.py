@@ -1,0 +1,158 @@
+"""The LoRA training loop: learning, exact resume, completion, accumulation, resharding."""
+import json
+import logging
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from rallrec_jax import parallel
+from rallrec_jax.llm import load_pretrained, lora
+from rallrec_jax.train import fit
+from tests.llm_fixtures import tiny_hf_model
+
+LORA = lora.LoraConfig(rank=4, dropout=0.0, targets=("q_proj", "v_proj"))
+STEPS, LR, LENGTH, DATASET = 6, 2e-2, 8, 8
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("tiny_llama")
+  tiny_hf_model(folder, "llama")
+  return folder
+
+
+@pytest.fixture(scope="module")
+def lm(folder):
+  return load_pretrained(folder)
+
+
+def example(i):
+  """Example i of a small repeating dataset: random ids, the last token is the target."""
+  ids = np.random.default_rng(i % DATASET).integers(4, 64, LENGTH)
+  loss_mask = np.zeros(LENGTH, np.int32)
+  loss_mask[-1] = 1
+  return ids, loss_mask
+
+
+def batches(batch_size):
+  """A `train_batches_fn` of consecutive examples from `position` on."""
+  def from_position(position):
+    while True:
+      ids, loss_mask = zip(*(example(i) for i in range(position, position + batch_size)))
+      yield {"input_ids": np.stack(ids), "attention_mask": np.ones((batch_size, LENGTH), np.int32),
+             "loss_mask": np.stack(loss_mask)}
+      position += batch_size
+  return from_position
+
+
+def score(adapters):
+  """A deterministic stand-in for an evaluation that depends on the adapters."""
+  return {"auc": float(sum(np.sum(np.asarray(x)) for x in jax.tree.leaves(adapters)))}
+
+
+def preempt_on_first_eval(adapters):
+  """Send SIGTERM to this process, as a scheduler would, then evaluate as usual."""
+  os.kill(os.getpid(), signal.SIGTERM)
+  return score(adapters)
+
+
+def run(lm, workdir, batch_size=8, **kwargs):
+  kwargs = dict(steps=STEPS, lr=LR, checkpoint_dir=workdir / "checkpoints", save_every=2,
+                eval_fn=score, eval_every=3, metrics_path=workdir / "metrics.jsonl",
+                progress=False) | kwargs
+  return fit(lm, LORA, batches(batch_size), **kwargs)
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_adapters(a, b, tol):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol),
+               a, b)
+
+
+@pytest.fixture(scope="module")
+def full_run(lm, tmp_path_factory):
+  """(workdir, summary) of one uninterrupted 6-step run."""
+  workdir = tmp_path_factory.mktemp("full")
+  return workdir, run(lm, workdir)
+
+
+def test_loss_decreases(full_run):
+  workdir, summary = full_run
+  records = read_metrics(workdir)
+  assert summary["status"] == "complete" and summary["step"] == STEPS
+  assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+  assert records[-1]["loss"] < records[0]["loss"] - 0.1
+  assert records[0]["lr"] == pytest.approx(LR) and records[-1]["lr"] < LR
+  assert [r["examples_seen"] for r in records] == [8 * s for s in range(1, STEPS + 1)]
+  assert [r["step"] for r in records if "eval" in r] == [3, 6]
+  assert summary["best_step"] in (3, 6)
+
+
+def test_resume_after_sigterm_matches_uninterrupted_run(lm, full_run, tmp_path):
+  first = run(lm, tmp_path, eval_fn=preempt_on_first_eval)
+  assert first["status"] == "preempted" and first["step"] == 3
+  second = run(lm, tmp_path)
+  assert second["status"] == "complete" and second["step"] == STEPS
+  assert_same_adapters(second["adapters"], full_run[1]["adapters"], 1e-6)
+  resumed, full = read_metrics(tmp_path), read_metrics(full_run[0])
+  assert len(resumed) == len(full)
+  for r, f in zip(resumed, full):
+    assert r["step"] == f["step"] and r["examples_seen"] == f["examples_seen"]
+    assert r["loss"] == pytest.approx(f["loss"], abs=1e-6)
+    assert r["lr"] == pytest.approx(f["lr"], abs=1e-9)
+    assert r.get("eval", {}).get("auc") == pytest.approx(f.get("eval", {}).get("auc"), abs=1e-6)
+  assert (second["best_step"], second["best_auc"]) == pytest.approx(
+      (full_run[1]["best_step"], full_run[1]["best_auc"]), abs=1e-6)
+
+
+def test_rerun_of_complete_run_trains_nothing(lm, full_run, caplog):
+  workdir, summary = full_run
+  before = (workdir / "metrics.jsonl").read_text()
+  with caplog.at_level(logging.WARNING, logger="rallrec_jax.train.loop"):
+    again = run(lm, workdir)
+  assert again["status"] == "already_complete" and again["step"] == STEPS
+  assert "ALREADY COMPLETE" in caplog.text
+  assert (workdir / "metrics.jsonl").read_text() == before
+  assert_same_adapters(again["adapters"], summary["adapters"], 0)
+
+
+def test_grad_accum_matches_larger_batch(lm, full_run, tmp_path):
+  accumulated = run(lm, tmp_path, batch_size=4, grad_accum=2)
+  assert accumulated["examples_seen"] == full_run[1]["examples_seen"]
+  assert_same_adapters(accumulated["adapters"], full_run[1]["adapters"], 1e-5)
+
+
+def test_checkpoint_from_8_devices_restores_on_4(folder, tmp_path):
+  mesh8 = parallel.make_mesh((("data", 8),))
+  mesh4 = parallel.make_mesh((("data", 4),), jax.devices()[:4])
+  trained = run(load_pretrained(folder, mesh=mesh8), tmp_path, steps=2, eval_fn=None)
+  restored = run(load_pretrained(folder, mesh=mesh4), tmp_path, steps=2, eval_fn=None)
+  assert restored["status"] == "already_complete"
+  assert_same_adapters(restored["adapters"], trained["adapters"], 0)
+  for leaf in jax.tree.leaves(restored["adapters"]):
+    assert leaf.sharding.mesh.devices.size == 4
+
+
+def test_checkpoint_of_another_rank_is_an_error(lm, full_run):
+  with pytest.raises(ValueError, match="rank = 4.*needs 2"):
+    fit(lm, lora.LoraConfig(rank=2, dropout=0.0, targets=LORA.targets), batches(8), steps=STEPS,
+        checkpoint_dir=full_run[0] / "checkpoints", save_every=2, progress=False)
+
+
+def flat(adapters):
+  """An evaluation that never improves after its first result."""
+  del adapters
+  return {"auc": 0.5}
+
+
+def test_early_stop_after_patience_then_rerun_is_complete(lm, tmp_path):
+  stopped = run(lm, tmp_path, eval_fn=flat, eval_every=1, patience=2)
+  assert stopped["status"] == "early_stopped" and stopped["step"] == 3
+  assert (stopped["best_step"], stopped["best_auc"]) == (1, 0.5)
+  assert run(lm, tmp_path, eval_fn=flat, eval_every=1, patience=2)["status"] == "already_complete"
