@@ -24,6 +24,15 @@ def get_config(arg=None):
   c.index.neighbors = 10
   c.index.recommend_n = 10
   c.retrieval.k = 10
+  c.finetune.pool_size = 512
+  c.finetune.batch_size = 8
+  c.finetune.grad_accum = 4
+  c.finetune.epochs = 2
+  c.finetune.eval_samples = 200
+  c.finetune.max_length = 512
+  c.finetune.patience = 2
+  c.eval.splits = ("valid", "test")
+  c.eval.max_samples = 500
   if arg.runlocal:
     c.data.synthetic.num_users = 60
     c.data.synthetic.num_items = 80
@@ -38,4 +47,10 @@ def get_config(arg=None):
     c.align.dim = 16
     c.align.epochs = 5
     c.align.batch_size = 32
+    c.finetune.pool_size = 48
+    c.finetune.batch_size = 4
+    c.finetune.grad_accum = 2
+    c.finetune.epochs = 2
+    c.finetune.eval_samples = 32
+    c.eval.max_samples = 64
   return c

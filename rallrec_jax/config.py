@@ -15,6 +15,7 @@ UNKNOWN_ID_POLICIES = ("error", "drop")
 ORDERS = ("simple", "high", "sequential", "rerank", "fusion")
 EMBED_SOURCES = ("description", "template")
 MIX_VARIANTS = ("text", "cf", "mix", "mix3")
+FINETUNE_VARIANTS = ("simple", "rag", "rerank", "mixed")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -77,6 +78,16 @@ def base_config():
       backend="scann", num_leaves=0, num_leaves_to_search=0, dims_per_block=2,
       anisotropic_threshold=0.2, reorder=100, training_sample_size=100_000, batch_size=4096,
       neighbors=20, recommend_n=20, recent=20))
+
+  # LoRA instruction tuning (PAPER.md step 9) and checkpoint evaluation (step 10).
+  c.finetune = ml_collections.ConfigDict(dict(
+      variant="rerank", pool_size=8192, mixed_size=1024, max_length=1024, batch_size=8,
+      grad_accum=32, lr=5e-4, weight_decay=0.0, epochs=20, eval_every=0, eval_samples=1000,
+      patience=5, seed=42,
+      lora=ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.05,
+                                          targets=("q_proj", "v_proj")))))
+  c.eval = ml_collections.ConfigDict(dict(
+      checkpoint="best", splits=("test",), max_samples=0, batch_size=16))
 
   c.retrieval = r = ml_collections.ConfigDict()
   r.k = 30                    # history items per prompt
@@ -210,6 +221,19 @@ def validate(cfg):
          f"must be > 0, got {cfg.align.temperature!r}")
   _check(0.0 < cfg.align.heldout < 1.0, "align.heldout",
          f"must lie in (0, 1), got {cfg.align.heldout!r}")
+  _check(cfg.finetune.variant in FINETUNE_VARIANTS, "finetune.variant",
+         f"{cfg.finetune.variant!r} is not one of {FINETUNE_VARIANTS}")
+  for key in ("pool_size", "mixed_size", "max_length", "batch_size", "grad_accum", "epochs",
+              "eval_samples"):
+    _check(isinstance(cfg.finetune[key], int) and cfg.finetune[key] > 0, f"finetune.{key}",
+           f"must be a positive integer, got {cfg.finetune[key]!r}")
+  _check(cfg.finetune.lr > 0, "finetune.lr", f"must be > 0, got {cfg.finetune.lr!r}")
+  ckpt = str(cfg.eval.checkpoint)
+  _check(ckpt in ("best", "latest", "none") or ckpt.isdigit() or Path(ckpt).is_dir(),
+         "eval.checkpoint", f"{ckpt!r}: use best, latest, none (zero-shot), a step number or "
+         f"a checkpoint folder")
+  _check(all(s in ("train", "valid", "test") for s in cfg.eval.splits), "eval.splits",
+         f"{tuple(cfg.eval.splits)!r}: splits are train, valid, test")
   for key in ("neighbors", "recommend_n", "recent"):
     _check(isinstance(cfg.index[key], int) and cfg.index[key] > 0, f"index.{key}",
            f"must be a positive integer, got {cfg.index[key]!r}")

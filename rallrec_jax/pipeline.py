@@ -127,6 +127,23 @@ register(Stage(
     run=stages.retrieve, config_keys=("retrieval", "data.max_history"), deps=("prepare", "mix"),
     outputs=("retrieval",)))
 
+register(Stage(
+    name="finetune",
+    help="LoRA instruction tuning on prompts of the finetune.variant training set, early "
+         "stopping on validation AUC, resumable: writes checkpoints/, metrics.jsonl, "
+         "finetune.json",
+    run=stages.finetune, config_keys=("finetune", "model", "retrieval"),
+    deps=("prepare", "mix", "retrieve"), outputs=("finetune.json",),
+    external_inputs=stages.model_files))
+register(Stage(
+    name="evaluate",
+    help="P(yes) of a checkpoint (eval.checkpoint: best, latest, STEP, a folder, or none for "
+         "zero-shot) on eval.splits: writes eval/{split}.json and eval/{split}_predictions.npz",
+    run=stages.evaluate_stage, config_keys=("eval", "finetune", "model", "retrieval"),
+    deps=lambda cfg: ("prepare", "retrieve") if str(cfg.eval.checkpoint) == "none" else (
+        "prepare", "retrieve", "finetune"),
+    outputs=("eval",), external_inputs=stages.model_files))
+
 
 def describe_stages():
   """One line per stage, in run order."""

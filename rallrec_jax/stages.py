@@ -16,9 +16,12 @@ from rallrec_jax import atomic, data, parallel
 from rallrec_jax import config as config_lib
 from rallrec_jax.align import contrastive, mix as mix_lib
 from rallrec_jax.cf import lightgcn
-from rallrec_jax.llm import load_pretrained, tiny
+from rallrec_jax.eval import evaluate
+from rallrec_jax.llm import load_pretrained, lora, tiny
+from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import candidates, history, index as index_lib
 from rallrec_jax.text import describe as describe_lib, embed as embed_lib, templates
+from rallrec_jax.train import batches, loop, sets
 
 log = logging.getLogger("rallrec_jax")
 
@@ -223,6 +226,133 @@ def retrieve(cfg, workdir):
       filled = float((result["history"] >= 0).sum(1).mean()) if len(result["sample"]) else 0.0
       log.info("retrieve: %s: %d samples, %.1f of %d history items on average (%s)", split,
                len(result["sample"]), filled, r.k, r.order)
+
+
+_VARIANT_ORDERS = {"simple": ("simple",), "rerank": ("rerank",), "mixed": ("high", "sequential",
+                                                                          "simple")}
+
+
+def _lora_config(cfg):
+  f = cfg.finetune.lora
+  return lora.LoraConfig(rank=f.rank, alpha=f.alpha, dropout=f.dropout, targets=tuple(f.targets))
+
+
+def _examples(dataset, tokenizer, split, results, pairs, *, labels, max_length):
+  """Examples of (order, sample index) pairs, built per order and put back in pair order."""
+  by_order = {}
+  for position, (order, sample) in enumerate(pairs):
+    by_order.setdefault(order, []).append((position, sample))
+  out = {"input_ids": [None] * len(pairs), "loss_mask": [None] * len(pairs),
+         "label": np.zeros(len(pairs), np.int8), "sample": np.zeros(len(pairs), np.int64)}
+  for order, items in by_order.items():
+    result = results[order]
+    row_of = {int(s): r for r, s in enumerate(result["sample"])}
+    rows = np.array([row_of[s] for _, s in items], np.int64)
+    subset = {k: v[rows] for k, v in result.items()}
+    built = render.build_examples(dataset, subset, tokenizer, split=split, labels=labels,
+                                  max_length=max_length, order=order)
+    for j, (position, _) in enumerate(items):
+      for key in ("input_ids", "loss_mask", "label", "sample"):
+        out[key][position] = built[key][j]
+  return out
+
+
+def _eval_examples(cfg, workdir, dataset, lm, split, limit):
+  """Prompt-only examples of the first `limit` rows (0: all) of a split's retrieval."""
+  result = history.load(Path(workdir) / "retrieval" / f"{split}.npz")
+  n = len(result["sample"]) if not limit else min(limit, len(result["sample"]))
+  pairs = [(cfg.retrieval.order, int(s)) for s in result["sample"][:n]]
+  return _examples(dataset, lm.tokenizer, split, {cfg.retrieval.order: result}, pairs,
+                   labels=False, max_length=cfg.finetune.max_length)
+
+
+def finetune(cfg, workdir):
+  """checkpoints/: LoRA instruction tuning on the training set of finetune.variant, selected
+  and early-stopped on the validation AUC; resumes from the latest checkpoint."""
+  workdir = Path(workdir)
+  dataset = data.load_dataset(workdir)
+  f = cfg.finetune
+  key = json.dumps([f.to_dict(), cfg.retrieval.to_dict(), cfg.model.to_dict()], sort_keys=True,
+                   default=str)
+  _resumable([workdir / "checkpoints", workdir / "metrics.jsonl"], workdir / ".finetune.key",
+             hashlib.sha256(key.encode()).hexdigest() + pipeline_data_key(workdir))
+  lm = load_model(cfg, workdir, dataset)
+  vectors = np.load(workdir / "embeddings" / "mixed.npy")
+  orders = _VARIANT_ORDERS.get(f.variant, (cfg.retrieval.order,))
+  r = cfg.retrieval
+  results = {order: history.retrieve(dataset, "train", vectors, k=r.k, order=order,
+                                     max_history=cfg.data.max_history, half_life=r.half_life,
+                                     rerank_short=r.rerank_short, batch_size=r.batch_size)
+             for order in orders}
+  pool = sets.pool(len(dataset.splits["train"]), f.pool_size, f.seed)
+  pairs = sets.training_set(f.variant, pool, results, order=r.order, mixed_size=f.mixed_size)
+  examples = _examples(dataset, lm.tokenizer, "train", results, pairs, labels=True,
+                       max_length=f.max_length)
+  valid = _eval_examples(cfg, workdir, dataset, lm, "valid", f.eval_samples)
+  yes, no = lm.yes_no_tokens()
+  lora_cfg = _lora_config(cfg)
+
+  def eval_fn(adapters):
+    logits = evaluate.score_examples(lm, valid, yes, no, adapters, lora_cfg,
+                                     batch_size=cfg.eval.batch_size)
+    return {k: v for k, v in evaluate.evaluate_split(valid["label"], logits).items()
+            if v is not None}
+
+  per_update = f.batch_size * f.grad_accum
+  updates_per_epoch = max(1, -(-len(pairs) // per_update))
+  pad = lm.tokenizer.pad_token_id or 0
+
+  def train_batches(position):
+    for _, rows in batches.epochs(examples, f.batch_size, f.seed, start=position):
+      yield batches.pad_batch(examples, rows, pad)
+
+  summary = loop.fit(lm, lora_cfg, train_batches, steps=updates_per_epoch * f.epochs, lr=f.lr,
+                     weight_decay=f.weight_decay, grad_accum=f.grad_accum,
+                     checkpoint_dir=workdir / "checkpoints",
+                     save_every=f.eval_every or updates_per_epoch,
+                     eval_fn=eval_fn, eval_every=f.eval_every or updates_per_epoch,
+                     patience=f.patience, metrics_path=workdir / "metrics.jsonl", seed=f.seed)
+  summary = {k: v for k, v in summary.items() if k != "adapters"}
+  save_json(workdir / "finetune.json", {**summary, "examples": len(pairs),
+                                        "updates_per_epoch": updates_per_epoch})
+  log.info("finetune: %s at step %s; best valid AUC %s at step %s", summary["status"],
+           summary["step"], summary["best_auc"], summary["best_step"])
+
+
+def evaluate_stage(cfg, workdir):
+  """eval/{split}.json and predictions: P(yes) of a checkpoint (or zero-shot) on each split,
+  with log loss also after one temperature fitted on the validation prompts."""
+  workdir = Path(workdir)
+  dataset = data.load_dataset(workdir)
+  lm = load_model(cfg, workdir, dataset)
+  yes, no = lm.yes_no_tokens()
+  choice = str(cfg.eval.checkpoint)
+  adapters, lora_cfg, step = None, None, None
+  if choice != "none":
+    lora_cfg = _lora_config(cfg)
+    keyword = choice in ("best", "latest") or choice.isdigit()
+    folder = workdir / "checkpoints" if keyword else Path(choice)
+    which = int(choice) if choice.isdigit() else ("latest" if choice == "latest" else "best")
+    adapters, step = loop.restore_adapters(lm, lora_cfg, folder, which)
+
+  def logits_of(split, limit):
+    examples = _eval_examples(cfg, workdir, dataset, lm, split, limit)
+    return examples, evaluate.score_examples(lm, examples, yes, no, adapters, lora_cfg,
+                                             batch_size=cfg.eval.batch_size)
+
+  valid, valid_logits = logits_of("valid", cfg.finetune.eval_samples)
+  temperature = evaluate.fit_temperature(evaluate.logit_gap(valid_logits), valid["label"])
+  for split in cfg.eval.splits:
+    examples, logits = (valid, valid_logits) if split == "valid" else logits_of(
+        split, cfg.eval.max_samples)
+    metrics_dict = {**evaluate.evaluate_split(examples["label"], logits, temperature),
+                    "step": step, "checkpoint": choice}
+    scores = evaluate.sigmoid(evaluate.logit_gap(logits))
+    evaluate.write_eval(workdir, split, metrics_dict, examples["sample"],
+                        examples["label"], scores)
+    log.info("evaluate: %s (checkpoint %s, step %s): auc %.4f logloss %.4f acc %.4f n %d", split,
+             choice, step, metrics_dict["auc"], metrics_dict["logloss"], metrics_dict["acc"],
+             metrics_dict["n"])
 
 
 def mix(cfg, workdir):

@@ -63,3 +63,29 @@ def test_rerun_skips_and_a_changed_key_reruns_only_downstream(run):
   i = int(np.argmax(end - start))
   last = ds.timelines.item[max(start[i], end[i] - cfg.retrieval.k):end[i]]
   np.testing.assert_array_equal(got["history"][i][:len(last)], last)
+
+
+def test_finetune_and_evaluate_from_checkpoints(run):
+  cfg, workdir, _ = run
+  status = pipeline.run(cfg, workdir, stages=STAGES + ["finetune", "evaluate"])
+  assert status["finetune"] == "ran" and status["evaluate"] == "ran"
+  summary = json.loads((workdir / "finetune.json").read_text())
+  assert summary["status"] in ("complete", "early_stopped") and summary["best_step"] >= 1
+  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [x["step"] for x in lines] == list(range(1, len(lines) + 1))
+  logged = {x["step"]: x["eval"]["auc"] for x in lines if "eval" in x}
+  best = json.loads((workdir / "eval" / "valid.json").read_text())
+  # Evaluating the best checkpoint later reproduces the AUC logged at training time.
+  assert best["step"] == summary["best_step"]
+  assert abs(best["auc"] - logged[summary["best_step"]]) < 1e-6
+  test = json.loads((workdir / "eval" / "test.json").read_text())
+  assert test["n"] == cfg.eval.max_samples and 0 <= test["auc"] <= 1
+  predictions = np.load(workdir / "eval" / "test_predictions.npz")
+  assert predictions["score"].shape == (test["n"],)
+  assert ((predictions["score"] > 0) & (predictions["score"] < 1)).all()
+
+  zero = load_config("quickstart", "runlocal=true")
+  zero.eval.checkpoint = "none"
+  status = pipeline.run(zero, workdir, stages=["evaluate"])
+  assert status == {"evaluate": "ran"}
+  assert json.loads((workdir / "eval" / "test.json").read_text())["step"] is None

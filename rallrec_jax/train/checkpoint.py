@@ -16,8 +16,12 @@ from rallrec_jax.llm import lora
 ITEMS = ("state", "meta")
 
 
-def manager(directory, max_to_keep=3):
-  """The checkpoint manager of `directory`, created if missing; keeps the newest few steps."""
+def manager(directory, max_to_keep=None):
+  """The checkpoint manager of `directory`, created if missing.
+
+  Every step is kept by default: adapters are small, and the best step of an early-stopped run
+  may lie several evaluations back.
+  """
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=ITEMS)
 
@@ -46,6 +50,14 @@ def abstract(state):
                       state)
 
 
+def read_meta(mngr, step=None):
+  """The JSON meta of `step` (default: the newest)."""
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{mngr.directory}: no checkpoint")
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def restore(mngr, abstract_state, step=None, expect=None):
   """(state, meta) of `step` (default: the newest), laid out like `abstract_state`.
 
@@ -56,7 +68,7 @@ def restore(mngr, abstract_state, step=None, expect=None):
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{mngr.directory}: no checkpoint to restore")
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  meta = read_meta(mngr, step)
   if expect is not None:
     check(meta, expect, f"{mngr.directory} step {step}")
   args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))

@@ -45,6 +45,31 @@ def _fresh_state(lm, lora_cfg, optimizer, seed):
   return lora.init_train_state(dropout_rng, adapters, optimizer)
 
 
+def restore_adapters(lm, lora_cfg, checkpoint_dir, step="best"):
+  """(adapters, step) of a fine-tune checkpoint: "best", "latest" or an int step.
+
+  The optimizer's state layout depends only on the adapters and the accumulation count, both
+  in the checkpoint's meta, so the state is rebuilt from them and restored into it.
+  """
+  mngr = checkpoint.manager(checkpoint_dir)
+  try:
+    latest = checkpoint.read_meta(mngr)
+    if step == "best":
+      step = latest["best_step"] if latest["best_step"] is not None else mngr.latest_step()
+    elif step == "latest":
+      step = mngr.latest_step()
+    if step not in mngr.all_steps():
+      raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint at step {step} "
+                              f"(have {sorted(mngr.all_steps())})")
+    optimizer, _ = _trainer(lm.cfg, lora_cfg, latest["steps"], 1.0, 0.0, latest["grad_accum"])
+    state = _fresh_state(lm, lora_cfg, optimizer, 0)
+    state, _ = checkpoint.restore(mngr, checkpoint.abstract(state), step,
+                                  expect=checkpoint.compat(lm.cfg, lora_cfg))
+  finally:
+    mngr.close()
+  return state["adapters"], int(step)
+
+
 def _fresh_meta(lm, lora_cfg, steps, grad_accum):
   return {"position": 0, "best_step": None, "best_auc": None,
           "evals_without_improvement": 0, "done": False, "steps": steps,
