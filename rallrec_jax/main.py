@@ -68,6 +68,9 @@ def main(argv):
   except (ConfigError, DataError, pipeline.PipelineError) as e:
     _fail(e)
   print(" ".join(f"{name}={state}" for name, state in status.items()))
+  table = pipeline.results_table(_WORKDIR.value)
+  if table:
+    print(table)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,21 @@ register(Stage(
     outputs=("eval",), external_inputs=stages.model_files))
 
 
+def results_table(workdir):
+  """A text table of the workdir's eval/{split}.json files ("" when there are none)."""
+  rows = []
+  for path in sorted((Path(workdir) / "eval").glob("*.json")):
+    m = json.loads(path.read_text())
+    calibrated = m.get("logloss_calibrated")
+    rows.append(f"{path.stem:<6} {m['auc']:.4f}  {m['logloss']:.4f}  "
+                f"{'-' if calibrated is None else f'{calibrated:.4f}':>10}  {m['acc']:.4f}  "
+                f"{m['n']:>6}  {m.get('checkpoint')} (step {m.get('step')})")
+  if not rows:
+    return ""
+  header = "split  AUC     LogLoss  calibrated  ACC     n       checkpoint"
+  return "\n".join([header] + rows)
+
+
 def describe_stages():
   """One line per stage, in run order."""
   width = max(len(n) for n in STAGES)

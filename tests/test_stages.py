@@ -80,6 +80,9 @@ def test_finetune_and_evaluate_from_checkpoints(run):
   assert abs(best["auc"] - logged[summary["best_step"]]) < 1e-6
   test = json.loads((workdir / "eval" / "test.json").read_text())
   assert test["n"] == cfg.eval.max_samples and 0 <= test["auc"] <= 1
+  table = pipeline.results_table(workdir).splitlines()
+  assert table[0].startswith("split") and table[1].startswith(f"test   {test['auc']:.4f}")
+  assert all("mfu" in x and x["mfu"] > 0 for x in lines)
   predictions = np.load(workdir / "eval" / "test_predictions.npz")
   assert predictions["score"].shape == (test["n"],)
   assert ((predictions["score"] > 0) & (predictions["score"] < 1)).all()

@@ -20,7 +20,7 @@ import optax
 from tqdm import tqdm
 
 from rallrec_jax import parallel
-from rallrec_jax.llm import lora
+from rallrec_jax.llm import flops, lora
 from rallrec_jax.train import checkpoint
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,8 @@ def fit(lm, lora_cfg, train_batches_fn, *, steps, lr=5e-4, weight_decay=0.0, gra
 def _train(lm, step_fn, state, meta, step, mngr, train_batches_fn, preempted, opts):
   """The loop proper, from `step` to the end, an early stop or a preemption."""
   steps, lr_at = opts["steps"], schedule(opts["lr"], opts["steps"])
+  # Matmul FLOPs only (the attention term depends on each batch's length): a lower bound.
+  per_token = flops.lora_train_flops_per_token(lm.cfg, 0)
   batches = iter(train_batches_fn(meta["position"]))
   bar = tqdm(total=steps, initial=step, disable=not opts["progress"], desc="lora")
   start, first, loss, status = time.perf_counter(), step, None, "complete"
@@ -192,8 +194,10 @@ def _train(lm, step_fn, state, meta, step, mngr, train_batches_fn, preempted, op
     state, loss, tokens = _update(step_fn, state, lm, batches, opts["grad_accum"], meta)
     step += 1
     now = time.perf_counter()
+    tokens_per_s = tokens / max(now - tick, 1e-9)
     record = {"step": step, "loss": loss, "lr": float(lr_at(step - 1)),
-              "tokens_per_s": tokens / max(now - tick, 1e-9), "examples_seen": meta["position"],
+              "tokens_per_s": tokens_per_s, "mfu": flops.mfu(per_token, tokens_per_s),
+              "examples_seen": meta["position"],
               "eta_s": (now - start) / (step - first) * (steps - step)}
     if opts["eval_fn"] is not None and (step == steps or (opts["eval_every"]
                                                           and step % opts["eval_every"] == 0)):
