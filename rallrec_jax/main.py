@@ -8,6 +8,7 @@ each one whose inputs and config are unchanged since its last run is skipped:
 {stages}
 """
 import logging
+import signal
 import sys
 
 from absl import app, flags
@@ -67,6 +68,9 @@ def main(argv):
     status = pipeline.run(_CONFIG.value, _WORKDIR.value, stages=_STAGES.value, force=_FORCE.value)
   except (ConfigError, DataError, pipeline.PipelineError) as e:
     _fail(e)
+  except pipeline.Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr)
+    sys.exit(128 + signal.SIGTERM)
   print(" ".join(f"{name}={state}" for name, state in status.items()))
   table = pipeline.results_table(_WORKDIR.value)
   if table:

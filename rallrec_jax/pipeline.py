@@ -25,6 +25,9 @@ _CHUNK = 1 << 20
 LARGE_FILE = 256 << 20
 
 
+Preempted = stages.Preempted
+
+
 class PipelineError(RuntimeError):
   """A stage cannot run as asked (a missing or stale upstream artifact, an unknown stage)."""
 

@@ -25,6 +25,10 @@ from rallrec_jax.train import batches, loop, sets
 
 log = logging.getLogger("rallrec_jax")
 
+class Preempted(RuntimeError):
+  """A stage stopped on SIGTERM after saving its state; rerunning the command resumes it."""
+
+
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
                "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -313,6 +317,9 @@ def finetune(cfg, workdir):
                      eval_fn=eval_fn, eval_every=f.eval_every or updates_per_epoch,
                      patience=f.patience, metrics_path=workdir / "metrics.jsonl", seed=f.seed)
   summary = {k: v for k, v in summary.items() if k != "adapters"}
+  if summary["status"] == "preempted":
+    raise Preempted(f"finetune: SIGTERM at step {summary['step']}; checkpoint saved in "
+                    f"{workdir / 'checkpoints'}; rerun the same command to resume")
   save_json(workdir / "finetune.json", {**summary, "examples": len(pairs),
                                         "updates_per_epoch": updates_per_epoch})
   log.info("finetune: %s at step %s; best valid AUC %s at step %s", summary["status"],

@@ -1,11 +1,15 @@
 """The representation stages end to end on the shrunk quickstart, against the artifact contract."""
 import json
+import os
+import shutil
+import signal
 
 import numpy as np
 import pytest
 
 from rallrec_jax import data, pipeline
 from rallrec_jax.text import describe
+from rallrec_jax.train import loop
 from tests.test_config import load_config
 
 STAGES = ["prepare", "describe", "embed", "cf", "align", "mix", "index", "retrieve"]
@@ -92,3 +96,35 @@ def test_finetune_and_evaluate_from_checkpoints(run):
   status = pipeline.run(zero, workdir, stages=["evaluate"])
   assert status == {"evaluate": "ran"}
   assert json.loads((workdir / "eval" / "test.json").read_text())["step"] is None
+
+
+def test_preempted_finetune_resumes_to_the_same_run(run, tmp_path, monkeypatch):
+  cfg, workdir, _ = run
+  pipeline.run(cfg, workdir, stages=STAGES + ["finetune"])
+  uninterrupted = (workdir / "metrics.jsonl").read_text().splitlines()
+  copy = tmp_path / "w"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(
+      "checkpoints", "metrics.jsonl", "finetune.json", "eval"))
+  (copy / "manifests" / "finetune.json").unlink(missing_ok=True)
+  (copy / "manifests" / "evaluate.json").unlink(missing_ok=True)
+  real = loop._evaluate
+
+  def sigterm_after_first_eval(*args, **kwargs):
+    result = real(*args, **kwargs)
+    monkeypatch.setattr(loop, "_evaluate", real)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return result
+
+  monkeypatch.setattr(loop, "_evaluate", sigterm_after_first_eval)
+  with pytest.raises(pipeline.Preempted, match="rerun the same command"):
+    pipeline.run(cfg, copy, stages=STAGES + ["finetune"])
+  assert pipeline.read_manifest(copy, "finetune") is None
+  first = (copy / "metrics.jsonl").read_text().splitlines()
+  assert 0 < len(first) < len(uninterrupted)
+  assert pipeline.run(cfg, copy, stages=STAGES + ["finetune"])["finetune"] == "ran"
+  resumed = [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]
+  expected = [json.loads(x) for x in uninterrupted]
+  assert [x["step"] for x in resumed] == [x["step"] for x in expected]
+  for got, want in zip(resumed, expected):
+    assert abs(got["loss"] - want["loss"]) < 1e-5
+    assert got.get("eval", {}).get("auc") == pytest.approx(want.get("eval", {}).get("auc"))
