@@ -23,6 +23,7 @@ log = logging.getLogger("rallrec_jax")
 
 _CHUNK = 1 << 20
 LARGE_FILE = 256 << 20
+_FILE_HASHES = {}
 
 
 Preempted = stages.Preempted
@@ -106,14 +107,15 @@ register(Stage(
          "writes embeddings/joint.npy, align/metrics.json",
     run=stages.align, config_keys=("align",), deps=("prepare", "embed", "cf"),
     outputs=("embeddings/joint.npy", "align/metrics.json")))
+# The stages that make the blocks of each mix variant.
+_MIX_BLOCK_STAGES = {"text": ("embed",), "cf": ("cf",), "mix": ("embed", "cf"),
+                     "mix3": ("embed", "cf", "align")}
 register(Stage(
     name="mix",
     help="the retrieval embedding: text, cf and joint blocks scaled and concatenated per "
          "mix.variant: writes embeddings/mixed.npy",
     run=stages.mix, config_keys=("mix",),
-    deps=lambda cfg: ("prepare", "embed", "cf", "align") if cfg.mix.variant == "mix3" else (
-        ("prepare", "embed", "cf") if cfg.mix.variant == "mix" else (
-            ("prepare", "embed") if cfg.mix.variant == "text" else ("prepare", "cf"))),
+    deps=lambda cfg: ("prepare",) + _MIX_BLOCK_STAGES[cfg.mix.variant],
     outputs=("embeddings/mixed.npy",)))
 
 register(Stage(
@@ -186,10 +188,14 @@ def fingerprint(path):
   stat = path.stat()
   if stat.st_size > LARGE_FILE:
     return f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}"
-  with open(path, "rb") as f:
-    while block := f.read(_CHUNK):
-      h.update(block)
-  return h.hexdigest()
+  # Every stage's up-to-date check re-reads its upstream artifacts: hash each file version once.
+  key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+  if key not in _FILE_HASHES:
+    with open(path, "rb") as f:
+      while block := f.read(_CHUNK):
+        h.update(block)
+    _FILE_HASHES[key] = h.hexdigest()
+  return _FILE_HASHES[key]
 
 
 def _subtree(cfg, key):

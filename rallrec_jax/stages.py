@@ -200,7 +200,9 @@ def index(cfg, workdir):
   user, item = dataset.train_interactions()
   seen = index_lib.as_csr(np.split(item, np.cumsum(np.bincount(user, minlength=dataset.num_users))[:-1]))
   test = dataset.splits["test"]
-  relevant = [test.target[test.user == u] for u in range(dataset.num_users)]
+  by_user = np.argsort(test.user, kind="stable")
+  relevant = index_lib.as_csr(np.split(
+      test.target[by_user], np.cumsum(np.bincount(test.user, minlength=dataset.num_users))[:-1]))
   users = candidates.user_vectors(vectors, seen, recent=cfg.index.recent)
   recommended = candidates.recommend(built, users, seen, cfg.index.recommend_n)
   recall, ndcg = candidates.recall_ndcg_at_n(recommended, relevant)
