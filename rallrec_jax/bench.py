@@ -3,6 +3,7 @@ with the competitor measured in the same run and the ratio.
 
   python -m rallrec_jax.bench prepare [--ratings 1000000]
   python -m rallrec_jax.bench llm [--model-dir DIR]     LoRA train step and scoring vs PyTorch
+  python -m rallrec_jax.bench llm-accel [--seq 1024]    ~1B decoder on an accelerator: MFU
   python -m rallrec_jax.bench lightgcn [--ml100k DIR]   LightGCN epoch time
   python -m rallrec_jax.bench index                     ScaNN vs exact search, 1M x 128
   python -m rallrec_jax.bench retrieve                  history retrieval over 1M samples
@@ -94,6 +95,11 @@ def _emit(rows):
 
 
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["llm-accel"]:  # its own parser: python -m rallrec_jax.bench llm-accel --help
+    from rallrec_jax.llm import bench_accel  # pylint: disable=import-outside-toplevel
+    bench_accel.main(argv[1:])
+    return
   parser = argparse.ArgumentParser(prog="python -m rallrec_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="bench", required=True)
@@ -103,6 +109,9 @@ def main(argv=None):
   llm.add_argument("--model-dir", default=os.environ.get("RALLREC_SMOLLM2"),
                    help="HF folder with real weights (default $RALLREC_SMOLLM2; else random "
                         "weights of the SmolLM2-135M shape)")
+  accel = sub.add_parser("llm-accel", add_help=False,
+                         help="~1B decoder on a GPU/TPU: LoRA step and scoring MFU "
+                              "(llm-accel --help for its options)")
   lightgcn = sub.add_parser("lightgcn", help="LightGCN epoch time")
   lightgcn.add_argument("--ml100k", default=None, help="MovieLens 100K folder")
   sub.add_parser("index", help="ScaNN against exact search on 1M x 128 vectors")

@@ -77,7 +77,7 @@ def load_model(cfg, workdir, dataset):
   path = m.path or _tiny_model_folder(cfg, workdir, dataset)
   mesh = parallel.make_mesh(tuple(tuple(x) for x in m.mesh))
   return load_pretrained(path, dtype=m.dtype, param_dtype=m.param_dtype or None, mesh=mesh,
-                         remat=m.remat)
+                         remat=m.remat, attention=m.attention)
 
 
 def _descriptions_key(cfg):

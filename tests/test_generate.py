@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -116,6 +117,37 @@ def test_one_step_frequencies_follow_the_nucleus_softmax(tiny, temperature, top_
   assert 1 < len(nucleus) and expected.max() < 0.9  # a real spread to compare
   assert set(np.unique(tokens)) <= set(nucleus.tolist())
   assert np.abs(freq - expected).max() < 0.05
+
+
+def _nucleus_probs(logits, temperature, top_p):
+  z = logits.astype(np.float64) / temperature
+  probs = np.exp(z - z.max())
+  probs /= probs.sum()
+  order = np.argsort(-probs)
+  before = np.cumsum(probs[order]) - probs[order]
+  nucleus = order[(before < top_p) | (np.arange(len(order)) == 0)]
+  out = np.zeros_like(probs)
+  out[nucleus] = probs[nucleus] / probs[nucleus].sum()
+  return out
+
+
+@pytest.mark.parametrize("top_p,path", [(0.5, "candidates"), (0.97, "whole sort"),
+                                        (1.0, "softmax")])
+def test_sampling_paths_draw_from_the_exact_nucleus(top_p, path):
+  """8 candidates of 40 tokens: top_p=0.5 is inside them, 0.97 is not (the vocabulary is
+  sorted), 1.0 samples the softmax; every path follows the numpy nucleus distribution."""
+  logits = np.random.default_rng(7).normal(0, 1.5, 40).astype(np.float32)
+  temperature = 0.9
+  probs = np.exp(logits / temperature - np.max(logits / temperature))
+  top8 = np.sort(probs / probs.sum())[::-1][:8].sum()
+  assert (top8 >= top_p) == (path == "candidates")
+  draws = 20000
+  sample = jax.jit(jax.vmap(lambda key: gen._sample(jnp.asarray(logits)[None], key, temperature,
+                                                     top_p, candidates=8)[0]))
+  tokens = np.asarray(sample(jax.random.split(jax.random.key(0), draws)))
+  expected = _nucleus_probs(logits, temperature, top_p)
+  assert set(np.unique(tokens)) <= set(np.flatnonzero(expected).tolist())
+  assert np.abs(np.bincount(tokens, minlength=40) / draws - expected).max() < 0.015
 
 
 def test_rows_stop_at_their_own_eos_and_the_loop_stops_when_all_have(tiny):

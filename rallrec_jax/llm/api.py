@@ -53,13 +53,14 @@ def _logits(model, params, ids, mask):
 
 
 def load_pretrained(path, dtype="float32", param_dtype=None, mesh=None,
-                    rules=parallel.DEFAULT_RULES, remat="none"):
+                    rules=parallel.DEFAULT_RULES, remat="none", attention=""):
   """Load a Hugging Face model folder (config.json, safetensors, tokenizer), offline.
 
   `dtype` is the compute dtype; params default to it too. With a `mesh`, every param is read
   shard by shard straight into its sharding.
   """
-  cfg = LMConfig.from_folder(path, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
+  cfg = LMConfig.from_folder(path, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
+                             attention=attention)
   shardings = hf_io.param_shardings(cfg, mesh, rules)
   params = hf_io.load_params(path, cfg, shardings)
   return LM(cfg=cfg, params=params, tokenizer=tokenizer_lib.load(path), mesh=mesh, rules=rules)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("", "xla", "cudnn")
 
 
 class CheckpointError(ValueError):
@@ -33,6 +34,7 @@ class LMConfig:
   dtype: str = "float32"            # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"               # none | full | dots (save matmul outputs)
+  attention: str = ""               # jax.nn.dot_product_attention implementation; "": JAX picks
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -40,6 +42,8 @@ class LMConfig:
                        f"num_kv_heads={self.num_kv_heads}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
 
   @property
   def rope(self):

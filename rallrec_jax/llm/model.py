@@ -95,7 +95,8 @@ class Attention(nn.Module):
       key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start)
       value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)
       new_cache = {"k": key, "v": value}
-    out = jax.nn.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype), mask=mask)
+    out = jax.nn.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype), mask=mask,
+                                      implementation=cfg.attention or None)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     out = _dense(cfg, cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), "o_proj")(out)
     return out, new_cache
