@@ -9,6 +9,7 @@ items, then chronological samples with at least 5 earlier ratings; label rating 
 (the paper: 113,463 / 14,182 / 14,184). Ratings of items without a metadata title are dropped.
 """
 from rallrec_jax import config as config_lib
+from rallrec_jax import sweep as sweep_lib
 
 
 def get_config(arg=None):
@@ -23,3 +24,8 @@ def get_config(arg=None):
   c.data.amazon.category = "Movies_and_TV"
   c.retrieval.rerank_short = False  # the paper reranks only histories longer than K here
   return c
+
+
+def sweep():
+  """The paper's ablations around the default (mix3, rerank, K=30, pool 8192): 20 runs."""
+  return sweep_lib.paper_ablations(get_config())

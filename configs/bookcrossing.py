@@ -11,6 +11,7 @@ cut the paper's train part into train and valid (8:1:1), so model selection neve
 Use --config.data.split="(0.9,0.0,0.1)" for the paper's two-way split.
 """
 from rallrec_jax import config as config_lib
+from rallrec_jax import sweep as sweep_lib
 
 
 def get_config(arg=None):
@@ -25,3 +26,9 @@ def get_config(arg=None):
   c.data.unknown_ids = "drop"
   c.retrieval.rerank_short = False  # the paper reranks only histories longer than K here
   return c
+
+
+def sweep():
+  """The paper's ablations around the default (mix3, rerank, K=30, the whole ~7k train split
+  as pool); the paper's BookCrossing pool of 256 is one point of the pool-size axis."""
+  return sweep_lib.paper_ablations(get_config())

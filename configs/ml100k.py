@@ -7,6 +7,7 @@ Samples: 95,285 = 76,228 train / 9,528 valid / 9,529 test (chronological 8:1:1).
 Sized for a 2-core CPU: `prepare` takes about a second.
 """
 from rallrec_jax import config as config_lib
+from rallrec_jax import sweep as sweep_lib
 
 
 def get_config(arg=None):
@@ -19,3 +20,8 @@ def get_config(arg=None):
   c.data.label_threshold = 3.0
   c.data.split = (0.8, 0.1, 0.1)
   return c
+
+
+def sweep():
+  """The paper's ablations around the default (mix3, rerank, K=30, pool 8192): 20 runs."""
+  return sweep_lib.paper_ablations(get_config())

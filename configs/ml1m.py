@@ -8,6 +8,7 @@ sample when its user has at least 5 earlier ratings; label rating > 3). `prepare
 seconds on 2 CPU cores. The paper reports test AUC 0.77 with Llama-3.1-8B and K=30.
 """
 from rallrec_jax import config as config_lib
+from rallrec_jax import sweep as sweep_lib
 
 
 def get_config(arg=None):
@@ -20,3 +21,8 @@ def get_config(arg=None):
   c.data.label_threshold = 3.0
   c.data.split = (0.8, 0.1, 0.1)
   return c
+
+
+def sweep():
+  """The paper's ablations around the default (mix3, rerank, K=30, pool 8192): 20 runs."""
+  return sweep_lib.paper_ablations(get_config())

@@ -8,6 +8,7 @@ text (no download). Expected: a few minutes on 2 CPU cores. `runlocal=true` shri
 model and epochs further (as the tests do); `ratings=N` sizes the data.
 """
 from rallrec_jax import config as config_lib
+from rallrec_jax import sweep as sweep_lib
 
 
 def get_config(arg=None):
@@ -54,3 +55,8 @@ def get_config(arg=None):
     c.finetune.eval_samples = 32
     c.eval.max_samples = 64
   return c
+
+
+def sweep():
+  """A small sweep for trying the launcher: the default, text-only vectors, and K=5."""
+  return sweep_lib.one_at_a_time(get_config(), {"mix.variant": ("text",), "retrieval.k": (5,)})

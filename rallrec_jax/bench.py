@@ -109,9 +109,9 @@ def main(argv=None):
   llm.add_argument("--model-dir", default=os.environ.get("RALLREC_SMOLLM2"),
                    help="HF folder with real weights (default $RALLREC_SMOLLM2; else random "
                         "weights of the SmolLM2-135M shape)")
-  accel = sub.add_parser("llm-accel", add_help=False,
-                         help="~1B decoder on a GPU/TPU: LoRA step and scoring MFU "
-                              "(llm-accel --help for its options)")
+  sub.add_parser("llm-accel", add_help=False,
+                 help="~1B decoder on a GPU/TPU: LoRA step and scoring MFU "
+                      "(llm-accel --help for its options)")
   lightgcn = sub.add_parser("lightgcn", help="LightGCN epoch time")
   lightgcn.add_argument("--ml100k", default=None, help="MovieLens 100K folder")
   sub.add_parser("index", help="ScaNN against exact search on 1M x 128 vectors")

@@ -56,7 +56,7 @@ def base_config():
   m.dtype = "float32"         # compute dtype; bfloat16 on accelerators
   m.param_dtype = ""          # "" = same as dtype
   m.remat = "none"            # none | full | dots
-  m.attention = ""            # "": JAX picks; "xla"; "cudnn" (flash attention on NVIDIA GPUs)
+  m.attention = ""            # xla | cudnn (flash); "": cudnn for 16-bit prefill on NVIDIA GPUs
   m.mesh = (("data", -1),)    # (axis, size) pairs over data / fsdp / tensor, one -1
   m.tiny = ml_collections.ConfigDict(dict(
       hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=0))
@@ -268,7 +268,7 @@ def _validate_model(m):
   _check(m.remat in ("none", "full", "dots"), "model.remat",
          f"{m.remat!r} is not one of none, full, dots")
   _check(m.attention in ("", "xla", "cudnn"), "model.attention",
-         f"{m.attention!r} is not one of '' (JAX picks), xla, cudnn")
+         f"{m.attention!r} is not one of '' (automatic), xla, cudnn")
   axes = [a for a, _ in m.mesh]
   _check(all(a in ("data", "fsdp", "tensor") for a in axes) and len(set(axes)) == len(axes),
          "model.mesh", f"axes {axes} must be distinct names among data, fsdp, tensor")

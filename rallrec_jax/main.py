@@ -2,8 +2,9 @@
 
   python -m rallrec_jax.main --config configs/ml100k.py:path=DATA --workdir W [--stages a,b]
 
-Any config leaf can be overridden, e.g. --config.retrieval.k=20. Stages run in this order;
-each one whose inputs and config are unchanged since its last run is skipped:
+Any config leaf can be overridden, e.g. --config.retrieval.k=20. Multi-host jobs set
+RALLREC_DISTRIBUTED=1 on every host (see rallrec_jax/distributed.py and launch/). Stages run
+in this order; each one whose inputs and config are unchanged since its last run is skipped:
 
 {stages}
 """
@@ -15,7 +16,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from rallrec_jax import pipeline
+from rallrec_jax import distributed, pipeline
 from rallrec_jax.config import ConfigError
 from rallrec_jax.data import DataError
 
@@ -65,12 +66,15 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("rallrec_jax").setLevel(logging.INFO)
   try:
+    distributed.initialize()
     status = pipeline.run(_CONFIG.value, _WORKDIR.value, stages=_STAGES.value, force=_FORCE.value)
   except (ConfigError, DataError, pipeline.PipelineError) as e:
     _fail(e)
   except pipeline.Preempted as e:
     print(f"preempted: {e}", file=sys.stderr)
     sys.exit(128 + signal.SIGTERM)
+  if not distributed.is_primary():
+    return
   print(" ".join(f"{name}={state}" for name, state in status.items()))
   table = pipeline.results_table(_WORKDIR.value)
   if table:

@@ -102,3 +102,30 @@ def tree_shardings(abstract, mesh, rules=DEFAULT_RULES):
 def batch_sharding(mesh, shape, rules=DEFAULT_RULES):
   """Sharding of a [batch, ...] input: batch over the mesh axes of "batch"."""
   return logical_sharding(shape, ("batch",) + (None,) * (len(shape) - 1), mesh, rules)
+
+
+def put_batch(array, mesh, rules=DEFAULT_RULES):
+  """A host [batch, ...] array on `mesh`, its batch split over the mesh's batch axes.
+
+  Under several processes each process hands over only the rows its own devices hold
+  (`jax.make_array_from_process_local_data`); the global array is the same either way.
+  """
+  sharding = batch_sharding(mesh, array.shape, rules)
+  if jax.process_count() == 1:
+    return jax.device_put(array, sharding)
+  spans = [index[0].indices(array.shape[0])[:2]
+           for index in sharding.addressable_devices_indices_map(array.shape).values()]
+  lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+  return jax.make_array_from_process_local_data(sharding, array[lo:hi], array.shape)
+
+
+def replicate(x, mesh):
+  """`x` (the same value on every process) replicated over every device of `mesh`."""
+  sharding = NamedSharding(mesh, PartitionSpec())
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(replicate(jax.random.key_data(x), mesh),
+                                    impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])

@@ -5,11 +5,16 @@ writes its own artifacts atomically. After it finishes, `W/manifests/{stage}.jso
 the config subtrees it used, the fingerprints of its external inputs (raw files), the output
 fingerprints of the stages it depends on, and the fingerprints of its outputs. A rerun skips a
 stage whose manifest still matches and whose outputs are unchanged.
+
+Under several processes (rallrec_jax.distributed), stages marked `distributed` run on every
+process; the others run on process 0 while the rest wait for the stage's manifest of this run.
+Only process 0 writes manifests.
 """
 import dataclasses
 import hashlib
 import json
 import logging
+import secrets
 import textwrap
 import time
 from pathlib import Path
@@ -17,7 +22,7 @@ from typing import Callable
 
 from rallrec_jax import atomic
 from rallrec_jax import config as config_lib
-from rallrec_jax import data, stages
+from rallrec_jax import data, distributed, stages
 
 log = logging.getLogger("rallrec_jax")
 
@@ -43,6 +48,7 @@ class Stage:
   outputs: tuple = ()              # workdir-relative paths it writes
   external_inputs: Callable = lambda cfg: []   # raw files it reads
   version: int = 1                 # bump when the stage's code changes its outputs
+  distributed: bool = False        # runs on every process of a multi-host job (else process 0)
 
 
 def _prepare(cfg, workdir):
@@ -139,7 +145,7 @@ register(Stage(
          "finetune.json",
     run=stages.finetune, config_keys=("finetune", "model", "retrieval"),
     deps=("prepare", "mix", "retrieve"), outputs=("finetune.json",),
-    external_inputs=stages.model_files))
+    external_inputs=stages.model_files, distributed=True))
 register(Stage(
     name="evaluate",
     help="P(yes) of a checkpoint (eval.checkpoint: best, latest, STEP, a folder, or none for "
@@ -147,7 +153,7 @@ register(Stage(
     run=stages.evaluate_stage, config_keys=("eval", "finetune", "model", "retrieval"),
     deps=lambda cfg: ("prepare", "retrieve") if str(cfg.eval.checkpoint) == "none" else (
         "prepare", "retrieve", "finetune"),
-    outputs=("eval",), external_inputs=stages.model_files))
+    outputs=("eval",), external_inputs=stages.model_files, distributed=True))
 
 
 def results_table(workdir):
@@ -259,29 +265,50 @@ def select(names):
   return [s for s in STAGES.values() if s.name in names]
 
 
-def run(cfg, workdir, stages=None, force=False):
+def _run_id():
+  """A random id of this pipeline run, the same on every process (process 0's draw)."""
+  run_id = secrets.randbelow(2 ** 31 - 1)
+  if distributed.process_count() > 1:
+    run_id = distributed.broadcast_int(run_id)
+  return str(run_id)
+
+
+def run(cfg, workdir, stages=None, force=False, wait_timeout_s=None):
   """Run the selected stages in order, skipping those already up to date (unless `force`).
 
-  Returns {stage name: "ran" | "skipped"}.
+  Returns {stage name: "ran" | "skipped"}. Under several processes, a process other than 0
+  gives up after `wait_timeout_s` seconds without the manifest it waits for (None: never).
   """
   config_lib.validate(cfg)
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2) + "\n")
+  primary = distributed.is_primary()
+  run_id = _run_id()
+  if primary:
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2) + "\n")
   status = {}
   for stage in select(stages):
+    if not primary:
+      distributed.wait_for(workdir.is_dir, f"{workdir}", wait_timeout_s)
     expected = _expected(stage, cfg, workdir)
     if not force and _is_current(stage, workdir, read_manifest(workdir, stage.name), expected):
       log.info("%s: up to date, skipped (pass --force to rerun)", stage.name)
       status[stage.name] = "skipped"
+      continue
+    status[stage.name] = "ran"
+    if not primary:
+      if stage.distributed:
+        stage.run(cfg, workdir)
+      distributed.wait_for(
+          lambda s=stage: (read_manifest(workdir, s.name) or {}).get("run") == run_id,
+          f"the manifest of stage {stage.name!r} from process 0", wait_timeout_s)
       continue
     log.info("%s: running", stage.name)
     start = time.time()
     stage.run(cfg, workdir)
     manifest = dict(expected, outputs=_outputs(stage, workdir),
                     seconds=round(time.time() - start, 3),
-                    finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                    finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), run=run_id)
     atomic.write_text(_manifest_path(workdir, stage.name), json.dumps(manifest, indent=1) + "\n")
     log.info("%s: done in %.1f s", stage.name, manifest["seconds"])
-    status[stage.name] = "ran"
   return status

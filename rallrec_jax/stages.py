@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rallrec_jax import atomic, data, parallel
+from rallrec_jax import atomic, data, distributed, parallel
 from rallrec_jax import config as config_lib
 from rallrec_jax.align import contrastive, mix as mix_lib
 from rallrec_jax.cf import lightgcn
@@ -52,9 +52,13 @@ def model_files(cfg):
                 if p.name in MODEL_FILES or p.name.endswith(".safetensors"))
 
 
+def _tiny_folder(workdir):
+  return Path(workdir) / "model_tiny"
+
+
 def _tiny_model_folder(cfg, workdir, dataset):
   """W/model_tiny: a random decoder whose vocabulary covers the items' text and prompts."""
-  folder = Path(workdir) / "model_tiny"
+  folder = _tiny_folder(workdir)
   key = hashlib.sha256(json.dumps([cfg.model.tiny.to_dict(), dataset.meta],
                                   sort_keys=True).encode()).hexdigest()
   if (folder / "config.json").is_file() and (folder / "key").is_file() and (
@@ -74,7 +78,13 @@ def _tiny_model_folder(cfg, workdir, dataset):
 def load_model(cfg, workdir, dataset):
   """The configured LLM on the configured mesh."""
   m = cfg.model
-  path = m.path or _tiny_model_folder(cfg, workdir, dataset)
+  if m.path:
+    path = m.path
+  elif distributed.is_primary():
+    path = _tiny_model_folder(cfg, workdir, dataset)
+  else:
+    path = _tiny_folder(workdir)
+    distributed.wait_for((path / "key").is_file, f"process 0 to build {path}")
   mesh = parallel.make_mesh(tuple(tuple(x) for x in m.mesh))
   return load_pretrained(path, dtype=m.dtype, param_dtype=m.param_dtype or None, mesh=mesh,
                          remat=m.remat, attention=m.attention)
@@ -280,9 +290,11 @@ def finetune(cfg, workdir):
   f = cfg.finetune
   key = json.dumps([f.to_dict(), cfg.retrieval.to_dict(), cfg.model.to_dict()], sort_keys=True,
                    default=str)
-  _resumable([workdir / "checkpoints", workdir / "metrics.jsonl"], workdir / ".finetune.key",
-             hashlib.sha256(key.encode()).hexdigest() + pipeline_data_key(workdir))
+  distributed.primary_first(lambda: _resumable(
+      [workdir / "checkpoints", workdir / "metrics.jsonl"], workdir / ".finetune.key",
+      hashlib.sha256(key.encode()).hexdigest() + pipeline_data_key(workdir)), "finetune key")
   lm = load_model(cfg, workdir, dataset)
+  primary = distributed.is_primary()
   vectors = np.load(workdir / "embeddings" / "mixed.npy")
   orders = _VARIANT_ORDERS.get(f.variant, (cfg.retrieval.order,))
   r = cfg.retrieval
@@ -317,13 +329,15 @@ def finetune(cfg, workdir):
                      checkpoint_dir=workdir / "checkpoints",
                      save_every=f.eval_every or updates_per_epoch,
                      eval_fn=eval_fn, eval_every=f.eval_every or updates_per_epoch,
-                     patience=f.patience, metrics_path=workdir / "metrics.jsonl", seed=f.seed)
+                     patience=f.patience, seed=f.seed, progress=primary,
+                     metrics_path=workdir / "metrics.jsonl" if primary else None)
   summary = {k: v for k, v in summary.items() if k != "adapters"}
   if summary["status"] == "preempted":
     raise Preempted(f"finetune: SIGTERM at step {summary['step']}; checkpoint saved in "
                     f"{workdir / 'checkpoints'}; rerun the same command to resume")
-  save_json(workdir / "finetune.json", {**summary, "examples": len(pairs),
-                                        "updates_per_epoch": updates_per_epoch})
+  if primary:
+    save_json(workdir / "finetune.json", {**summary, "examples": len(pairs),
+                                          "updates_per_epoch": updates_per_epoch})
   log.info("finetune: %s at step %s; best valid AUC %s at step %s", summary["status"],
            summary["step"], summary["best_auc"], summary["best_step"])
 
@@ -357,8 +371,9 @@ def evaluate_stage(cfg, workdir):
     metrics_dict = {**evaluate.evaluate_split(examples["label"], logits, temperature),
                     "step": step, "checkpoint": choice}
     scores = evaluate.sigmoid(evaluate.logit_gap(logits))
-    evaluate.write_eval(workdir, split, metrics_dict, examples["sample"],
-                        examples["label"], scores)
+    if distributed.is_primary():
+      evaluate.write_eval(workdir, split, metrics_dict, examples["sample"],
+                          examples["label"], scores)
     log.info("evaluate: %s (checkpoint %s, step %s): auc %.4f logloss %.4f acc %.4f n %d", split,
              choice, step, metrics_dict["auc"], metrics_dict["logloss"], metrics_dict["acc"],
              metrics_dict["n"])

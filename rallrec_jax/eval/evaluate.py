@@ -12,8 +12,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from rallrec_jax import atomic
+from rallrec_jax import atomic, distributed
 from rallrec_jax.eval import metrics
 from rallrec_jax.llm import lora, score
 from rallrec_jax.llm.model import Decoder
@@ -37,12 +38,13 @@ def lora_yes_no_logits(cfg, params, adapters, lora_cfg, input_ids, attention_mas
 
 
 def score_examples(lm, examples, yes_id, no_id, adapters=None, lora_cfg=None, batch_size=16,
-                   bucket=32):
+                   bucket=32, progress=True):
   """[N, 2] float32 (yes, no) logits of prompt-only examples, in their order.
 
   Examples are sorted by length and cut into batches of `batch_size` rows (short batches repeat
   their last prompt), each left-padded to a multiple of `bucket` tokens, so few shapes compile.
-  With a mesh, `batch_size` must divide by the mesh's batch ways.
+  With a mesh, `batch_size` must divide by the mesh's batch ways. `progress` shows a bar (on
+  process 0) with prompts/s.
   """
   if any(np.any(m) for m in examples["loss_mask"]):
     raise ValueError("scoring needs prompt-only examples (build_examples with labels=False)")
@@ -55,6 +57,8 @@ def score_examples(lm, examples, yes_id, no_id, adapters=None, lora_cfg=None, ba
   pad_id = lm.tokenizer.pad_token_id or 0
   out = np.zeros((len(lengths), 2), np.float32)
   order = np.argsort(-lengths, kind="stable")
+  bar = tqdm(total=len(order), desc="score", unit="prompt",
+             disable=not progress or not distributed.is_primary())
   for begin in range(0, len(order), batch_size):
     rows = order[begin:begin + batch_size]
     filled = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows))])
@@ -65,7 +69,9 @@ def score_examples(lm, examples, yes_id, no_id, adapters=None, lora_cfg=None, ba
     else:
       logits = lora_yes_no_logits(lm.cfg, lm.params, adapters, lora_cfg, ids, mask, yes_id,
                                   no_id)
-    out[rows] = np.asarray(logits)[:len(rows)]
+    out[rows] = distributed.to_host(logits)[:len(rows)]
+    bar.update(len(rows))
+  bar.close()
   return out
 
 

@@ -35,8 +35,7 @@ class LM:
     """A host [batch, ...] array on the devices, its batch split over the mesh's batch axes."""
     if self.mesh is None:
       return jnp.asarray(batch_array)
-    return jax.device_put(batch_array,
-                          parallel.batch_sharding(self.mesh, batch_array.shape, self.rules))
+    return parallel.put_batch(np.asarray(batch_array), self.mesh, self.rules)
 
   def yes_no_tokens(self):
     return tokenizer_lib.yes_no_tokens(self.tokenizer)

@@ -3,8 +3,8 @@
   python -m rallrec_jax.bench llm-accel [--seq 1024] [--batch 8] [--score-batch 32]
 
 Random weights in bfloat16 (the work, not the values, is measured), full-length sequences. For
-each attention implementation of `jax.nn.dot_product_attention` (`--attention xla,cudnn`): the
-jitted LoRA step (r=8 on q_proj and v_proj, AdamW, loss on every token) in tokens/s and the
+each attention implementation of `jax.nn.dot_product_attention` (`--attention xla,cudnn`; the
+model's automatic choice on NVIDIA GPUs is cudnn): the jitted LoRA step (r=8 on q_proj and v_proj, AdamW, loss on every token) in tokens/s and the
 prefill-only P(yes) scorer in prompts/s, each with its model FLOPs utilisation. The competitor,
 on the same device in the same run (a child process, so that each framework has the memory to
 itself): transformers + PEFT for the step and a transformers forward with full logits for the
@@ -76,7 +76,7 @@ def _jax_records(args):
         metrics["loss"].block_until_ready()
 
       tokens_s = args.batch * args.seq * args.steps / _timed(train, args.steps)
-      del holder
+      holder.clear()
       yield {"bench": "lora_train_step_1b", "value": round(tokens_s, 1), "unit": "tokens/s",
              "mfu": round(flops.mfu(flops.lora_train_flops_per_token(cfg, args.seq), tokens_s), 4),
              "batch": args.batch, **common}

