@@ -30,6 +30,7 @@ from rallrec_jax import atomic
 from rallrec_jax.eval import bootstrap, metrics
 
 K_KEY = "retrieval.k"
+LEGEND_WIDTH = 60
 DPI = 100
 
 
@@ -207,6 +208,11 @@ def summarize(runs, labels, base, resamples=1000, seed=0):
   return rows, notes
 
 
+def _legend(label, width=LEGEND_WIDTH):
+  """A legend entry short enough to leave the axes their room (the table has the full label)."""
+  return label if len(label) <= width else label[:width - 3] + "..."
+
+
 def _cell(text):
   return str(text).replace("|", "\\|")
 
@@ -246,7 +252,7 @@ def plot_roc(runs, rows, split, path):
   ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="chance (AUC 0.5)")
   for run, row in zip(runs, rows):
     fpr, tpr = roc_curve(run.label, run.score)
-    ax.plot(fpr, tpr, lw=1.8, label=f"{row.label} (AUC {row.auc:.3f})")
+    ax.plot(fpr, tpr, lw=1.8, label=f"{_legend(row.label)} (AUC {row.auc:.3f})")
   ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate",
          title=f"ROC curves, {split} split", aspect="equal")
   ax.grid(alpha=0.3)
@@ -268,7 +274,7 @@ def plot_calibration(runs, rows, split, path, bins=10):
   edges = np.linspace(lo, hi, 41)
   for run, row in zip(runs, rows):
     mean_score, observed, _ = calibration_bins(run.label, run.score, bins)
-    line, = top.plot(mean_score, observed, marker="o", lw=1.5, label=row.label)
+    line, = top.plot(mean_score, observed, marker="o", lw=1.5, label=_legend(row.label))
     bottom.hist(run.score, bins=edges, histtype="step", lw=1.5, color=line.get_color())
   top.set(xlim=(lo, hi), ylim=(0, 1), ylabel="Observed positive rate",
           title=f"Reliability diagram, {split} split ({bins} equal-count bins per run)")
@@ -301,7 +307,8 @@ def plot_auc_vs_k(runs, rows, split, path):
     x = np.array([k for k, _ in points], np.float64) + dodge * (g - (len(groups) - 1) / 2)
     auc = np.array([r.auc for _, r in points])
     err = np.array([[r.auc - r.auc_ci[0], r.auc_ci[1] - r.auc] for _, r in points]).T
-    ax.errorbar(x, auc, yerr=err, marker="o", capsize=4, lw=1.5, label=name or "all runs")
+    ax.errorbar(x, auc, yerr=err, marker="o", capsize=4, lw=1.5,
+                label=_legend(name) if name else "all runs")
   ax.set_xticks(ks)
   if len(ks) == 1:
     ax.set_xlim(ks[0] - 1, ks[0] + 1)
