@@ -28,13 +28,9 @@ PROCESS_ID = "RALLREC_PROCESS_ID"
 POLL_SECONDS = 2.0
 
 
-def requested():
-  return os.environ.get(ENABLE, "").lower() in ("1", "true", "yes")
-
-
 def initialize():
   """jax.distributed.initialize() when RALLREC_DISTRIBUTED asks for it; True if it did."""
-  if not requested():
+  if os.environ.get(ENABLE, "").lower() not in ("1", "true", "yes"):
     return False
   kwargs = {}
   if os.environ.get(COORDINATOR):
@@ -56,22 +52,12 @@ def is_primary():
   return jax.process_index() == 0
 
 
-def process_count():
-  return jax.process_count()
-
-
 def broadcast_int(value):
   """Process 0's `value` (an int32) on every process."""
+  if jax.process_count() == 1:
+    return int(value)
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
-
-
-def primary_first(fn, name):
-  """Run `fn` on process 0 only, then let every process pass a barrier; returns fn's value
-  on process 0 and None elsewhere."""
-  out = fn() if is_primary() else None
-  barrier(name)
-  return out
 
 
 def barrier(name):

@@ -267,10 +267,7 @@ def select(names):
 
 def _run_id():
   """A random id of this pipeline run, the same on every process (process 0's draw)."""
-  run_id = secrets.randbelow(2 ** 31 - 1)
-  if distributed.process_count() > 1:
-    run_id = distributed.broadcast_int(run_id)
-  return str(run_id)
+  return str(distributed.broadcast_int(secrets.randbelow(2 ** 31 - 1)))
 
 
 def run(cfg, workdir, stages=None, force=False, wait_timeout_s=None):
@@ -286,10 +283,11 @@ def run(cfg, workdir, stages=None, force=False, wait_timeout_s=None):
   if primary:
     workdir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2) + "\n")
+  else:
+    distributed.wait_for((workdir / "config.json").is_file, f"{workdir / 'config.json'}",
+                         wait_timeout_s)
   status = {}
   for stage in select(stages):
-    if not primary:
-      distributed.wait_for(workdir.is_dir, f"{workdir}", wait_timeout_s)
     expected = _expected(stage, cfg, workdir)
     if not force and _is_current(stage, workdir, read_manifest(workdir, stage.name), expected):
       log.info("%s: up to date, skipped (pass --force to rerun)", stage.name)

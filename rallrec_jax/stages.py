@@ -290,9 +290,10 @@ def finetune(cfg, workdir):
   f = cfg.finetune
   key = json.dumps([f.to_dict(), cfg.retrieval.to_dict(), cfg.model.to_dict()], sort_keys=True,
                    default=str)
-  distributed.primary_first(lambda: _resumable(
-      [workdir / "checkpoints", workdir / "metrics.jsonl"], workdir / ".finetune.key",
-      hashlib.sha256(key.encode()).hexdigest() + pipeline_data_key(workdir)), "finetune key")
+  if distributed.is_primary():
+    _resumable([workdir / "checkpoints", workdir / "metrics.jsonl"], workdir / ".finetune.key",
+               hashlib.sha256(key.encode()).hexdigest() + pipeline_data_key(workdir))
+  distributed.barrier("finetune key")
   lm = load_model(cfg, workdir, dataset)
   primary = distributed.is_primary()
   vectors = np.load(workdir / "embeddings" / "mixed.npy")

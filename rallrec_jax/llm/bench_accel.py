@@ -14,8 +14,8 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
+from rallrec_jax.llm import bench_lora
 from rallrec_jax.llm.config import LMConfig
 
 # Llama-3.2-1B's shape: 1.24B parameters with the tied embedding.
@@ -24,19 +24,6 @@ LLAMA_1B = LMConfig(
     num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
     tie_word_embeddings=True, max_position_embeddings=8192, dtype="bfloat16",
     param_dtype="bfloat16")
-WARMUP = 2
-
-
-def _timed(run, steps):
-  """Seconds for `steps` calls of `run` (each waits for its result) after WARMUP calls."""
-  for _ in range(WARMUP):
-    run()
-  start = time.perf_counter()
-  for _ in range(steps):
-    run()
-  return time.perf_counter() - start
-
-
 def _jax_records(args):
   import dataclasses  # pylint: disable=import-outside-toplevel
 
@@ -75,7 +62,7 @@ def _jax_records(args):
         holder["state"], metrics = step(holder["state"], params, batch)
         metrics["loss"].block_until_ready()
 
-      tokens_s = args.batch * args.seq * args.steps / _timed(train, args.steps)
+      tokens_s = args.batch * args.seq * args.steps / bench_lora.timed(train, args.steps)
       holder.clear()
       yield {"bench": "lora_train_step_1b", "value": round(tokens_s, 1), "unit": "tokens/s",
              "mfu": round(flops.mfu(flops.lora_train_flops_per_token(cfg, args.seq), tokens_s), 4),
@@ -84,7 +71,7 @@ def _jax_records(args):
       yield {"bench": "lora_train_step_1b", "error": f"{type(e).__name__}: {e}"[:500], **common}
     try:
       p_yes = jax.jit(lambda p, i, m, c=cfg: score.p_yes(c, p, i, m, 5, 6))
-      prompts_s = args.score_batch * args.steps / _timed(
+      prompts_s = args.score_batch * args.steps / bench_lora.timed(
           lambda: p_yes(params, score_ids, score_mask).block_until_ready(), args.steps)
       yield {"bench": "scoring_1b", "value": round(prompts_s, 2), "unit": "prompts/s",
              "mfu": round(flops.mfu(flops.scoring_flops_per_token(cfg, args.seq),
@@ -112,7 +99,7 @@ def _torch_records(args):
       fn()
       if device == "cuda":
         torch.cuda.synchronize()
-    return _timed(run, args.steps)
+    return bench_lora.timed(run, args.steps)
 
   scored = torch.randint(3, LLAMA_1B.vocab_size, (args.score_batch, args.seq), device=device)
 

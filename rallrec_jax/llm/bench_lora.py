@@ -41,7 +41,7 @@ def _model(model_dir):
   return cfg, init(jax.random.key(0))
 
 
-def _timed(run_step, steps):
+def timed(run_step, steps):
   """Seconds for `steps` calls of run_step after WARMUP untimed ones."""
   for _ in range(WARMUP):
     run_step()
@@ -64,7 +64,7 @@ def _jax_seconds(cfg, params, ids, steps):
     holder["state"], metrics = step(holder["state"], params, batch)
     metrics["loss"].block_until_ready()
 
-  return _timed(run_step, steps)
+  return timed(run_step, steps)
 
 
 def _torch_model(cfg, model_dir):
@@ -96,7 +96,7 @@ def _torch_seconds(cfg, model_dir, ids, steps):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-  return _timed(run_step, steps)
+  return timed(run_step, steps)
 
 
 def bench_lora_step(model_dir=None, seq=256, batch=8, steps=5):
