@@ -229,3 +229,25 @@ def test_rejects_bad_arguments():
     history.retrieve(ds, "test", emb[:5])
   with pytest.raises(ValueError, match="NaN"):
     history.retrieve(ds, "test", np.full_like(emb, np.nan))
+
+
+@pytest.mark.parametrize("ranked", [True, False])
+def test_host_top_k_equals_device_top_k(ranked):
+  """The CPU's numpy selection picks what `jax.lax.top_k` picks, ties and short rows included."""
+  rng = np.random.default_rng(3)
+  blocks, size, width, k, items = 6, 8, 64, 10, 40
+  table = rng.integers(-3, 4, (items, 4)).astype(np.float32)   # few distinct scores: many ties
+  rows = rng.integers(0, items, (blocks, width)).astype(np.int32)
+  targets = rng.integers(0, items, (blocks, size)).astype(np.int32)
+  first = rng.integers(0, 8, (blocks, size)).astype(np.int32)
+  count = rng.integers(0, width - 8, (blocks, size)).astype(np.int32)
+  count[0, :3] = (0, 1, k)                                     # empty, single, exactly k
+  device = np.asarray(history._block_top_k(table, rows, targets, first, count, None, k=k))
+  score = np.asarray(history._block_scores(table, rows, targets, first, count, None))
+  host = history.host_top_k(score.reshape(-1, width), first.reshape(-1), k, ranked)
+  device = device.reshape(-1, k)
+  assert (host < 0).sum() == (device < 0).sum() > 0
+  if ranked:
+    np.testing.assert_array_equal(host, device)
+  else:
+    np.testing.assert_array_equal(np.sort(host, axis=1), np.sort(device, axis=1))
