@@ -4,6 +4,7 @@ Every config in configs/ starts from `base_config()`, sets what its experiment n
 checked by `validate()` before any heavy work. Keys are fixed (the config is locked): an
 unknown key is an error naming it.
 """
+import json
 import math
 from pathlib import Path
 
@@ -17,6 +18,11 @@ EMBED_SOURCES = ("description", "template")
 MIX_VARIANTS = ("text", "cf", "mix", "mix3")
 FINETUNE_VARIANTS = ("simple", "rag", "rerank", "mixed")
 DTYPES = ("float32", "bfloat16", "float16")
+# Keys that decide how a stage runs, not what it computes. Stage fingerprints and resume keys
+# leave them out, so another mesh, remat policy, attention kernel or inference batch size
+# neither reruns a finished stage nor throws away a stage's partial work.
+EXECUTION_KEYS = ("model.mesh", "model.remat", "model.attention", "retrieval.batch_size",
+                  "eval.batch_size")
 
 
 class ConfigError(ValueError):
@@ -130,6 +136,26 @@ def parse_arg(arg, defaults):
     else:
       out[key] = value
   return out
+
+
+def without_execution_keys(subtrees):
+  """{dotted key: plain config subtree} with the EXECUTION_KEYS below those keys removed."""
+  out = {}
+  for key, value in subtrees.items():
+    if isinstance(value, dict):
+      value = {k: v for k, v in value.items() if f"{key}.{k}" not in EXECUTION_KEYS}
+    out[key] = value
+  return out
+
+
+def result_config(cfg, key):
+  """The subtree of `cfg` at dotted `key` as JSON data, without EXECUTION_KEYS: what decides
+  the results of the stages that read it."""
+  node = cfg
+  for part in key.split("."):
+    node = node[part]
+  value = json.loads(json.dumps(node.to_dict() if hasattr(node, "to_dict") else node))
+  return without_execution_keys({key: value})[key]
 
 
 def apply_overrides(cfg, overrides):

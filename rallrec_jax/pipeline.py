@@ -204,13 +204,6 @@ def fingerprint(path):
   return _FILE_HASHES[key]
 
 
-def _subtree(cfg, key):
-  node = cfg
-  for part in key.split("."):
-    node = node[part]
-  return node.to_dict() if hasattr(node, "to_dict") else node
-
-
 def _manifest_path(workdir, name):
   return Path(workdir) / "manifests" / f"{name}.json"
 
@@ -235,8 +228,7 @@ def _expected(stage, cfg, workdir):
                           f"out of date for this config: add {dep} to --stages")
     deps[dep] = manifest["outputs"]
   inputs = {str(p): fingerprint(p) for p in stage.external_inputs(cfg)}
-  # A round trip through JSON so tuples and lists compare equal to a stored manifest.
-  config = json.loads(json.dumps({k: _subtree(cfg, k) for k in stage.config_keys}))
+  config = {k: config_lib.result_config(cfg, k) for k in stage.config_keys}
   return {"stage": stage.name, "version": stage.version, "config": config, "inputs": inputs,
           "deps": deps}
 
@@ -249,6 +241,8 @@ def _outputs(stage, workdir):
 def _is_current(stage, workdir, manifest, expected):
   if manifest is None:
     return False
+  # Manifests written before a key joined EXECUTION_KEYS still hold it.
+  manifest = dict(manifest, config=config_lib.without_execution_keys(manifest.get("config", {})))
   if any(manifest.get(k) != v for k, v in expected.items()):
     return False
   outputs = _outputs(stage, workdir)

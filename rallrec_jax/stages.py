@@ -91,7 +91,7 @@ def load_model(cfg, workdir, dataset):
 
 
 def _descriptions_key(cfg):
-  spec = [cfg.describe.to_dict(), cfg.model.to_dict(),
+  spec = [cfg.describe.to_dict(), config_lib.result_config(cfg, "model"),
           [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in model_files(cfg)]]
   return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -288,8 +288,8 @@ def finetune(cfg, workdir):
   workdir = Path(workdir)
   dataset = data.load_dataset(workdir)
   f = cfg.finetune
-  key = json.dumps([f.to_dict(), cfg.retrieval.to_dict(), cfg.model.to_dict()], sort_keys=True,
-                   default=str)
+  key = json.dumps([f.to_dict(), config_lib.result_config(cfg, "retrieval"),
+                    config_lib.result_config(cfg, "model")], sort_keys=True, default=str)
   if distributed.is_primary():
     _resumable([workdir / "checkpoints", workdir / "metrics.jsonl"], workdir / ".finetune.key",
                hashlib.sha256(key.encode()).hexdigest() + pipeline_data_key(workdir))

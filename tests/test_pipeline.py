@@ -77,6 +77,32 @@ def test_downstream_stage_needs_a_current_upstream(tmp_path, folder, monkeypatch
   assert pipeline.run(cfg, workdir, stages=both) == {"prepare": "ran", "count": "ran"}
 
 
+def test_execution_keys_neither_rerun_nor_restart(tmp_path, folder, monkeypatch):
+  """Mesh, remat, attention kernel and inference batch sizes leave results alone: changing them
+  skips finished stages (old manifests that hold them too) and keeps resume keys."""
+  monkeypatch.setattr(pipeline, "STAGES", dict(pipeline.STAGES))
+  pipeline.register(pipeline.Stage(
+      name="count", help="writes count.txt", run=lambda cfg, w: (w / "count.txt").write_text("1"),
+      config_keys=("retrieval", "model", "eval"), deps=("prepare",), outputs=("count.txt",)))
+  workdir = tmp_path / "w"
+  cfg = ml1m_config(folder)
+  assert pipeline.run(cfg, workdir, stages=["prepare", "count"])["count"] == "ran"
+  key = config_lib.result_config(cfg, "model")
+  assert {"mesh", "remat", "attention"}.isdisjoint(key) and "path" in key
+  cfg.model.mesh, cfg.model.remat, cfg.model.attention = (("fsdp", -1),), "full", "xla"
+  cfg.retrieval.batch_size, cfg.eval.batch_size = 7, 3
+  assert pipeline.run(cfg, workdir, stages=["count"]) == {"count": "skipped"}
+  assert config_lib.result_config(cfg, "model") == key
+
+  path = workdir / "manifests" / "count.json"
+  manifest = json.loads(path.read_text())
+  manifest["config"]["model"]["remat"] = "dots"     # as written before remat was left out
+  path.write_text(json.dumps(manifest))
+  assert pipeline.run(cfg, workdir, stages=["count"]) == {"count": "skipped"}
+  cfg.retrieval.k, cfg.model.dtype = 7, "bfloat16"
+  assert pipeline.run(cfg, workdir, stages=["count"]) == {"count": "ran"}
+
+
 def _cli(*args):
   return subprocess.run([sys.executable, "-m", "rallrec_jax.main", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=120)
