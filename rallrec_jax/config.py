@@ -18,6 +18,7 @@ EMBED_SOURCES = ("description", "template")
 MIX_VARIANTS = ("text", "cf", "mix", "mix3")
 FINETUNE_VARIANTS = ("simple", "rag", "rerank", "mixed")
 DTYPES = ("float32", "bfloat16", "float16")
+EVAL_ROWS = ("first", "spread")
 # Keys that decide how a stage runs, not what it computes. Stage fingerprints and resume keys
 # leave them out, so another mesh, remat policy, attention kernel or inference batch size
 # neither reruns a finished stage nor throws away a stage's partial work.
@@ -93,8 +94,11 @@ def base_config():
       patience=5, seed=42,
       lora=ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.05,
                                           targets=("q_proj", "v_proj")))))
+  # Rows scored when a split is capped (finetune.eval_samples, eval.max_samples): "first" (the
+  # paper's protocol; the first rows of a chronological split come from a few users) or
+  # "spread" (evenly spaced over the whole split).
   c.eval = ml_collections.ConfigDict(dict(
-      checkpoint="best", splits=("test",), max_samples=0, batch_size=16))
+      checkpoint="best", splits=("test",), max_samples=0, rows="first", batch_size=16))
 
   c.retrieval = r = ml_collections.ConfigDict()
   r.k = 30                    # history items per prompt
@@ -255,6 +259,7 @@ def validate(cfg):
     _check(isinstance(cfg.finetune[key], int) and cfg.finetune[key] > 0, f"finetune.{key}",
            f"must be a positive integer, got {cfg.finetune[key]!r}")
   _check(cfg.finetune.lr > 0, "finetune.lr", f"must be > 0, got {cfg.finetune.lr!r}")
+  _check(cfg.eval.rows in EVAL_ROWS, "eval.rows", f"{cfg.eval.rows!r} is not one of {EVAL_ROWS}")
   ckpt = str(cfg.eval.checkpoint)
   _check(ckpt in ("best", "latest", "none") or ckpt.isdigit() or Path(ckpt).is_dir(),
          "eval.checkpoint", f"{ckpt!r}: use best, latest, none (zero-shot), a step number or "

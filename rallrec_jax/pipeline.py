@@ -143,7 +143,7 @@ register(Stage(
     help="LoRA instruction tuning on prompts of the finetune.variant training set, early "
          "stopping on validation AUC, resumable: writes checkpoints/, metrics.jsonl, "
          "finetune.json",
-    run=stages.finetune, config_keys=("finetune", "model", "retrieval"),
+    run=stages.finetune, config_keys=("finetune", "model", "retrieval", "eval.rows"),
     deps=("prepare", "mix", "retrieve"), outputs=("finetune.json",),
     external_inputs=stages.model_files, distributed=True))
 register(Stage(
@@ -238,11 +238,25 @@ def _outputs(stage, workdir):
           if (Path(workdir) / out).exists()}
 
 
+def _stored_config(stored, expected):
+  """A manifest's config as this version of the code would write it: keys that joined
+  EXECUTION_KEYS since are dropped, and keys added to the config since (absent from it) read as
+  their defaults, so that neither change makes finished stages out of date."""
+  stored = config_lib.without_execution_keys(stored)
+  base = config_lib.base_config()
+  for key in expected:
+    default = config_lib.result_config(base, key)
+    if key not in stored:
+      stored[key] = default
+    elif isinstance(default, dict) and isinstance(stored[key], dict):
+      stored[key] = {**default, **stored[key]}
+  return stored
+
+
 def _is_current(stage, workdir, manifest, expected):
   if manifest is None:
     return False
-  # Manifests written before a key joined EXECUTION_KEYS still hold it.
-  manifest = dict(manifest, config=config_lib.without_execution_keys(manifest.get("config", {})))
+  manifest = dict(manifest, config=_stored_config(manifest.get("config", {}), expected["config"]))
   if any(manifest.get(k) != v for k, v in expected.items()):
     return False
   outputs = _outputs(stage, workdir)

@@ -274,10 +274,10 @@ def _examples(dataset, tokenizer, split, results, pairs, *, labels, max_length):
 
 
 def _eval_examples(cfg, workdir, dataset, lm, split, limit):
-  """Prompt-only examples of the first `limit` rows (0: all) of a split's retrieval."""
+  """Prompt-only examples of `limit` rows (0: all) of a split's retrieval, chosen by eval.rows."""
   result = history.load(Path(workdir) / "retrieval" / f"{split}.npz")
-  n = len(result["sample"]) if not limit else min(limit, len(result["sample"]))
-  pairs = [(cfg.retrieval.order, int(s)) for s in result["sample"][:n]]
+  rows = evaluate.capped_rows(len(result["sample"]), limit, cfg.eval.rows)
+  pairs = [(cfg.retrieval.order, int(s)) for s in result["sample"][rows]]
   return _examples(dataset, lm.tokenizer, split, {cfg.retrieval.order: result}, pairs,
                    labels=False, max_length=cfg.finetune.max_length)
 
@@ -289,7 +289,8 @@ def finetune(cfg, workdir):
   dataset = data.load_dataset(workdir)
   f = cfg.finetune
   key = json.dumps([f.to_dict(), config_lib.result_config(cfg, "retrieval"),
-                    config_lib.result_config(cfg, "model")], sort_keys=True, default=str)
+                    config_lib.result_config(cfg, "model"), cfg.eval.rows], sort_keys=True,
+                   default=str)
   if distributed.is_primary():
     _resumable([workdir / "checkpoints", workdir / "metrics.jsonl"], workdir / ".finetune.key",
                hashlib.sha256(key.encode()).hexdigest() + pipeline_data_key(workdir))

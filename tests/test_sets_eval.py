@@ -179,3 +179,16 @@ def test_write_eval_round_trip(tmp_path):
     np.testing.assert_allclose(f["score"], [0.9, 0.2, 0.4], rtol=1e-6)
   assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["test.json",
                                                                     "test_predictions.npz"]
+
+
+def test_capped_rows_first_spread_and_all():
+  np.testing.assert_array_equal(evaluate.capped_rows(10, 0), np.arange(10))
+  np.testing.assert_array_equal(evaluate.capped_rows(10, 12, "spread"), np.arange(10))
+  np.testing.assert_array_equal(evaluate.capped_rows(10, 3), [0, 1, 2])
+  np.testing.assert_array_equal(evaluate.capped_rows(10, 3, "spread"), [0, 3, 6])
+  rows = evaluate.capped_rows(9529, 1000, "spread")
+  gaps = np.diff(rows)
+  assert len(np.unique(rows)) == 1000 and rows[0] == 0 and rows[-1] >= 9529 - 10
+  assert set(gaps) <= {9, 10}
+  with pytest.raises(ValueError, match="rows='last'"):
+    evaluate.capped_rows(10, 3, "last")

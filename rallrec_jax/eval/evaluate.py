@@ -75,6 +75,18 @@ def score_examples(lm, examples, yes_id, no_id, adapters=None, lora_cfg=None, ba
   return out
 
 
+def capped_rows(num_rows, limit, rows="first"):
+  """Indices of the rows a split is scored on: all when `limit` is 0 or covers the split, else
+  the first `limit` ("first") or `limit` rows evenly spaced from the first ("spread")."""
+  if not limit or limit >= num_rows:
+    return np.arange(num_rows)
+  if rows == "first":
+    return np.arange(limit)
+  if rows == "spread":
+    return np.arange(limit) * num_rows // limit
+  raise ValueError(f"rows={rows!r} is not 'first' or 'spread'")
+
+
 def logit_gap(logits):
   """logit_yes - logit_no (float64): P(yes) is its sigmoid."""
   logits = np.asarray(logits, np.float64)
