@@ -91,12 +91,12 @@ def base_config():
   c.finetune = ml_collections.ConfigDict(dict(
       variant="rerank", pool_size=8192, mixed_size=1024, max_length=1024, batch_size=8,
       grad_accum=32, lr=5e-4, weight_decay=0.0, epochs=20, eval_every=0, eval_samples=1000,
-      patience=5, seed=42,
+      eval_rows="first", patience=5, seed=42,
       lora=ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.05,
                                           targets=("q_proj", "v_proj")))))
-  # Rows scored when a split is capped (finetune.eval_samples, eval.max_samples): "first" (the
-  # paper's protocol; the first rows of a chronological split come from a few users) or
-  # "spread" (evenly spaced over the whole split).
+  # Rows scored when a split is capped (finetune.eval_rows for model selection, eval.rows for
+  # evaluation): "first" (the paper's protocol; the first rows of a chronological split come
+  # from a few users) or "spread" (evenly spaced over the whole split).
   c.eval = ml_collections.ConfigDict(dict(
       checkpoint="best", splits=("test",), max_samples=0, rows="first", batch_size=16))
 
@@ -259,7 +259,10 @@ def validate(cfg):
     _check(isinstance(cfg.finetune[key], int) and cfg.finetune[key] > 0, f"finetune.{key}",
            f"must be a positive integer, got {cfg.finetune[key]!r}")
   _check(cfg.finetune.lr > 0, "finetune.lr", f"must be > 0, got {cfg.finetune.lr!r}")
-  _check(cfg.eval.rows in EVAL_ROWS, "eval.rows", f"{cfg.eval.rows!r} is not one of {EVAL_ROWS}")
+  for key in ("eval.rows", "finetune.eval_rows"):
+    section, name = key.split(".")
+    _check(cfg[section][name] in EVAL_ROWS, key,
+           f"{cfg[section][name]!r} is not one of {EVAL_ROWS}")
   ckpt = str(cfg.eval.checkpoint)
   _check(ckpt in ("best", "latest", "none") or ckpt.isdigit() or Path(ckpt).is_dir(),
          "eval.checkpoint", f"{ckpt!r}: use best, latest, none (zero-shot), a step number or "

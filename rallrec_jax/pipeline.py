@@ -143,7 +143,7 @@ register(Stage(
     help="LoRA instruction tuning on prompts of the finetune.variant training set, early "
          "stopping on validation AUC, resumable: writes checkpoints/, metrics.jsonl, "
          "finetune.json",
-    run=stages.finetune, config_keys=("finetune", "model", "retrieval", "eval.rows"),
+    run=stages.finetune, config_keys=("finetune", "model", "retrieval"),
     deps=("prepare", "mix", "retrieve"), outputs=("finetune.json",),
     external_inputs=stages.model_files, distributed=True))
 register(Stage(

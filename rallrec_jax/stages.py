@@ -273,10 +273,11 @@ def _examples(dataset, tokenizer, split, results, pairs, *, labels, max_length):
   return out
 
 
-def _eval_examples(cfg, workdir, dataset, lm, split, limit):
-  """Prompt-only examples of `limit` rows (0: all) of a split's retrieval, chosen by eval.rows."""
+def _eval_examples(cfg, workdir, dataset, lm, split, limit, rows):
+  """Prompt-only examples of `limit` rows (0: all) of a split's retrieval, `rows` ("first" or
+  "spread") saying which."""
   result = history.load(Path(workdir) / "retrieval" / f"{split}.npz")
-  rows = evaluate.capped_rows(len(result["sample"]), limit, cfg.eval.rows)
+  rows = evaluate.capped_rows(len(result["sample"]), limit, rows)
   pairs = [(cfg.retrieval.order, int(s)) for s in result["sample"][rows]]
   return _examples(dataset, lm.tokenizer, split, {cfg.retrieval.order: result}, pairs,
                    labels=False, max_length=cfg.finetune.max_length)
@@ -289,8 +290,7 @@ def finetune(cfg, workdir):
   dataset = data.load_dataset(workdir)
   f = cfg.finetune
   key = json.dumps([f.to_dict(), config_lib.result_config(cfg, "retrieval"),
-                    config_lib.result_config(cfg, "model"), cfg.eval.rows], sort_keys=True,
-                   default=str)
+                    config_lib.result_config(cfg, "model")], sort_keys=True, default=str)
   if distributed.is_primary():
     _resumable([workdir / "checkpoints", workdir / "metrics.jsonl"], workdir / ".finetune.key",
                hashlib.sha256(key.encode()).hexdigest() + pipeline_data_key(workdir))
@@ -308,7 +308,7 @@ def finetune(cfg, workdir):
   pairs = sets.training_set(f.variant, pool, results, order=r.order, mixed_size=f.mixed_size)
   examples = _examples(dataset, lm.tokenizer, "train", results, pairs, labels=True,
                        max_length=f.max_length)
-  valid = _eval_examples(cfg, workdir, dataset, lm, "valid", f.eval_samples)
+  valid = _eval_examples(cfg, workdir, dataset, lm, "valid", f.eval_samples, f.eval_rows)
   yes, no = lm.yes_no_tokens()
   lora_cfg = _lora_config(cfg)
 
@@ -361,7 +361,7 @@ def evaluate_stage(cfg, workdir):
     adapters, step = loop.restore_adapters(lm, lora_cfg, folder, which)
 
   def logits_of(split, limit):
-    examples = _eval_examples(cfg, workdir, dataset, lm, split, limit)
+    examples = _eval_examples(cfg, workdir, dataset, lm, split, limit, cfg.eval.rows)
     return examples, evaluate.score_examples(lm, examples, yes, no, adapters, lora_cfg,
                                              batch_size=cfg.eval.batch_size)
 

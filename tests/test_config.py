@@ -72,6 +72,7 @@ def test_overrides_set_leaves_and_reject_unknown_keys():
     ("data.split", (1.1, -0.1, 0.0), "data.split: must be three ratios >= 0"),
     ("data.name", "ml2m", "data.name: unknown dataset 'ml2m'"),
     ("eval.rows", "random", "eval.rows: 'random' is not one of"),
+    ("finetune.eval_rows", "last", "finetune.eval_rows: 'last' is not one of"),
     ("data.source", "kaggle", "data.source: 'kaggle' is not one of"),
     ("data.min_history", -2, "data.min_history: must be an integer >= 0"),
     ("data.max_history", -1, "data.max_history"),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rallrec_jax import data, pipeline
+from rallrec_jax.eval import evaluate
 from rallrec_jax.text import describe
 from rallrec_jax.train import loop
 from tests.test_config import load_config
@@ -92,10 +93,15 @@ def test_finetune_and_evaluate_from_checkpoints(run):
   assert ((predictions["score"] > 0) & (predictions["score"] < 1)).all()
 
   zero = load_config("quickstart", "runlocal=true")
-  zero.eval.checkpoint = "none"
+  zero.eval.checkpoint, zero.eval.rows = "none", "spread"
   status = pipeline.run(zero, workdir, stages=["evaluate"])
   assert status == {"evaluate": "ran"}
   assert json.loads((workdir / "eval" / "test.json").read_text())["step"] is None
+  n_test = len(np.load(workdir / "retrieval" / "test.npz")["sample"])
+  spread = np.load(workdir / "eval" / "test_predictions.npz")["sample"]
+  assert n_test > 2 * zero.eval.max_samples and spread[-1] > n_test // 2
+  np.testing.assert_array_equal(
+      spread, evaluate.capped_rows(n_test, zero.eval.max_samples, "spread"))
 
 
 def test_preempted_finetune_resumes_to_the_same_run(run, tmp_path, monkeypatch):
