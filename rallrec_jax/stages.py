@@ -273,11 +273,11 @@ def _examples(dataset, tokenizer, split, results, pairs, *, labels, max_length):
   return out
 
 
-def _eval_examples(cfg, workdir, dataset, lm, split, limit, rows):
-  """Prompt-only examples of `limit` rows (0: all) of a split's retrieval, `rows` ("first" or
+def _eval_examples(cfg, workdir, dataset, lm, split, limit, which):
+  """Prompt-only examples of `limit` rows (0: all) of a split's retrieval, `which` ("first" or
   "spread") saying which."""
   result = history.load(Path(workdir) / "retrieval" / f"{split}.npz")
-  rows = evaluate.capped_rows(len(result["sample"]), limit, rows)
+  rows = evaluate.capped_rows(len(result["sample"]), limit, which)
   pairs = [(cfg.retrieval.order, int(s)) for s in result["sample"][rows]]
   return _examples(dataset, lm.tokenizer, split, {cfg.retrieval.order: result}, pairs,
                    labels=False, max_length=cfg.finetune.max_length)

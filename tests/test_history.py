@@ -243,7 +243,7 @@ def test_host_top_k_equals_device_top_k(ranked):
   count = rng.integers(0, width - 8, (blocks, size)).astype(np.int32)
   count[0, :3] = (0, 1, k)                                     # empty, single, exactly k
   device = np.asarray(history._block_top_k(table, rows, targets, first, count, None, k=k))
-  score = np.asarray(history._block_scores(table, rows, targets, first, count, None))
+  score = np.asarray(history._block_scores(table, rows, targets, first, count, None, k=k))
   host = history.host_top_k(score.reshape(-1, width), first.reshape(-1), k, ranked)
   device = device.reshape(-1, k)
   assert (host < 0).sum() == (device < 0).sum() > 0

@@ -80,7 +80,11 @@ def _block_top_k(table, rows, targets, first, count, decay, *, k):
   return jnp.where(value > -jnp.inf, col - first[..., None], -1)
 
 
-_block_scores = jax.jit(_scores)
+@partial(jax.jit, static_argnames=("k",))
+def _block_scores(table, rows, targets, first, count, decay, *, k):
+  """The scores `host_top_k` selects from (`k` only keeps the signature of `_block_top_k`)."""
+  del k
+  return _scores(table, rows, targets, first, count, decay)
 
 
 def host_top_k(score, first, k, ranked=True):
@@ -177,18 +181,12 @@ def _plan(widths, size, batch_size):
     yield int(width), padded.reshape(calls, per_call)
 
 
-def _kernel(k, on_host):
-  """(jitted call, its keyword arguments): scores for `host_top_k`, or top_k ages on device."""
-  return (_block_scores, {}) if on_host else (_block_top_k, {"k": k})
-
-
-def _compile(kernel, table, decay, blocks, size, width):
+def _compile(kernel, table, decay, blocks, size, width, k):
   """Compile the kernel for one call shape; run ahead in a thread while earlier calls run."""
   def spec(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.int32)
-  fn, kwargs = kernel
-  fn.lower(table, spec(blocks, width), spec(blocks, size), spec(blocks, size),
-           spec(blocks, size), decay, **kwargs).compile()
+  kernel.lower(table, spec(blocks, width), spec(blocks, size), spec(blocks, size),
+               spec(blocks, size), decay, k=k).compile()
 
 
 class _Histories(typing.NamedTuple):
@@ -246,20 +244,20 @@ def _scored_calls(dataset, samples, embeddings, k, max_history, half_life, batch
   table = jnp.asarray(normalize(embeddings))
   plan = list(_plan(_bucket_widths(hi - lo, size, k), size, batch_size))
   on_host = jax.default_backend() == "cpu"
-  fn, kwargs = kernel = _kernel(k, on_host)
+  kernel = _block_scores if on_host else _block_top_k
   pending = collections.deque()
   pool = concurrent.futures.ThreadPoolExecutor(1)
   selector = concurrent.futures.ThreadPoolExecutor(2)
   try:
     compiled = [pool.submit(_compile, kernel, table, _decay_table(width, half_life),
-                            len(calls[0]), size, width) for width, calls in plan]
+                            len(calls[0]), size, width, k) for width, calls in plan]
     for (width, calls), ready in tqdm(list(zip(plan, compiled)), desc="retrieve",
                                       unit="bucket", disable=len(samples) < PROGRESS_MIN):
       ready.result()
       decay = _decay_table(width, half_life)
       for call in calls:
         call_members, inputs = _call_inputs(hist, members, lo, hi, call, width)
-        out = fn(table, *inputs, decay, **kwargs)
+        out = kernel(table, *inputs, decay, k=k)
         pending.append(selector.submit(_fetch, call_members, out,
                                        inputs[2] if on_host else None, k, ranked))
         if len(pending) > 3:
