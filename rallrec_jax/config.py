@@ -17,6 +17,9 @@ ORDERS = ("simple", "high", "sequential", "rerank", "fusion")
 EMBED_SOURCES = ("description", "template")
 MIX_VARIANTS = ("text", "cf", "mix", "mix3")
 FINETUNE_VARIANTS = ("simple", "rag", "rerank", "mixed")
+FINETUNE_LOSSES = ("answer", "lm")
+FINETUNE_METHODS = ("lora", "full")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = ("float32", "bfloat16", "float16")
 EVAL_ROWS = ("first", "spread")
 # Keys that decide how a stage runs, not what it computes. Stage fingerprints and resume keys
@@ -24,6 +27,10 @@ EVAL_ROWS = ("first", "spread")
 # neither reruns a finished stage nor throws away a stage's partial work.
 EXECUTION_KEYS = ("model.mesh", "model.remat", "model.attention", "retrieval.batch_size",
                   "eval.batch_size")
+
+# Keys added with a default other than what the code did before they existed: a manifest
+# written before them reads as this value, not as today's default.
+VALUES_BEFORE_KEY = {"finetune.loss": "lm"}
 
 
 class ConfigError(ValueError):
@@ -87,11 +94,14 @@ def base_config():
       anisotropic_threshold=0.2, reorder=100, training_sample_size=100_000, batch_size=4096,
       neighbors=20, recommend_n=20, recent=20))
 
-  # LoRA instruction tuning (PAPER.md step 9) and checkpoint evaluation (step 10).
+  # Instruction tuning (PAPER.md step 9) and checkpoint evaluation (step 10). `method`: lora
+  # (adapters on `lora.targets`) or full (every weight; small models). `loss`: answer (two-way
+  # cross-entropy of the Yes/No logits at the last prompt position, the score evaluation reads)
+  # or lm (next-token loss on the answer text, the paper's). `warmup`: updates of linear warmup.
   c.finetune = ml_collections.ConfigDict(dict(
       variant="rerank", pool_size=8192, mixed_size=1024, max_length=1024, batch_size=8,
-      grad_accum=32, lr=5e-4, weight_decay=0.0, epochs=20, eval_every=0, eval_samples=1000,
-      eval_rows="first", patience=5, seed=42,
+      grad_accum=32, lr=5e-4, weight_decay=0.0, warmup=0, epochs=20, eval_every=0,
+      eval_samples=1000, eval_rows="first", patience=5, seed=42, method="lora", loss="answer",
       lora=ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.05,
                                           targets=("q_proj", "v_proj")))))
   # Rows scored when a split is capped (finetune.eval_rows for model selection, eval.rows for
@@ -259,6 +269,22 @@ def validate(cfg):
     _check(isinstance(cfg.finetune[key], int) and cfg.finetune[key] > 0, f"finetune.{key}",
            f"must be a positive integer, got {cfg.finetune[key]!r}")
   _check(cfg.finetune.lr > 0, "finetune.lr", f"must be > 0, got {cfg.finetune.lr!r}")
+  _check(isinstance(cfg.finetune.warmup, int) and cfg.finetune.warmup >= 0, "finetune.warmup",
+         f"must be a non-negative integer (updates), got {cfg.finetune.warmup!r}")
+  _check(cfg.finetune.loss in FINETUNE_LOSSES, "finetune.loss",
+         f"{cfg.finetune.loss!r} is not one of {FINETUNE_LOSSES}")
+  _check(cfg.finetune.method in FINETUNE_METHODS, "finetune.method",
+         f"{cfg.finetune.method!r} is not one of {FINETUNE_METHODS}")
+  lo = cfg.finetune.lora
+  targets = tuple(lo.targets)
+  _check(bool(targets) and len(set(targets)) == len(targets)
+         and all(t in LORA_TARGETS for t in targets), "finetune.lora.targets",
+         f"{targets!r}: a non-empty set of {LORA_TARGETS}")
+  _check(isinstance(lo.rank, int) and lo.rank > 0, "finetune.lora.rank",
+         f"must be a positive integer, got {lo.rank!r}")
+  _check(lo.alpha > 0, "finetune.lora.alpha", f"must be > 0, got {lo.alpha!r}")
+  _check(0.0 <= lo.dropout < 1.0, "finetune.lora.dropout",
+         f"must lie in [0, 1), got {lo.dropout!r}")
   for key in ("eval.rows", "finetune.eval_rows"):
     section, name = key.split(".")
     _check(cfg[section][name] in EVAL_ROWS, key,

@@ -249,7 +249,10 @@ def _stored_config(stored, expected):
     if key not in stored:
       stored[key] = default
     elif isinstance(default, dict) and isinstance(stored[key], dict):
-      stored[key] = {**default, **stored[key]}
+      legacy = {leaf.split(".", 1)[1]: value
+                for leaf, value in config_lib.VALUES_BEFORE_KEY.items()
+                if leaf.split(".", 1)[0] == key and leaf.split(".", 1)[1] not in stored[key]}
+      stored[key] = {**default, **legacy, **stored[key]}
   return stored
 
 

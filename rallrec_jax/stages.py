@@ -10,6 +10,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from rallrec_jax import atomic, data, distributed, parallel
@@ -249,8 +250,19 @@ _VARIANT_ORDERS = {"simple": ("simple",), "rerank": ("rerank",), "mixed": ("high
 
 
 def _lora_config(cfg):
+  """The LoraConfig of finetune.lora, or None under full fine-tuning (finetune.method=full)."""
+  if cfg.finetune.method == "full":
+    return None
   f = cfg.finetune.lora
   return lora.LoraConfig(rank=f.rank, alpha=f.alpha, dropout=f.dropout, targets=tuple(f.targets))
+
+
+def _scoring_weights(lm, lora_cfg, weights):
+  """(adapters, params) that `evaluate.score_examples` takes for trained `weights`."""
+  if lora_cfg is not None:
+    return {"adapters": weights, "lora_cfg": lora_cfg}
+  dtype = jax.tree.leaves(lm.params)[0].dtype
+  return {"params": jax.tree.map(lambda x: x.astype(dtype), weights)}
 
 
 def _examples(dataset, tokenizer, split, results, pairs, *, labels, max_length):
@@ -306,15 +318,15 @@ def finetune(cfg, workdir):
              for order in orders}
   pool = sets.pool(len(dataset.splits["train"]), f.pool_size, f.seed)
   pairs = sets.training_set(f.variant, pool, results, order=r.order, mixed_size=f.mixed_size)
-  examples = _examples(dataset, lm.tokenizer, "train", results, pairs, labels=True,
-                       max_length=f.max_length)
+  examples = _examples(dataset, lm.tokenizer, "train", results, pairs,
+                       labels=f.loss == "lm", max_length=f.max_length)
   valid = _eval_examples(cfg, workdir, dataset, lm, "valid", f.eval_samples, f.eval_rows)
   yes, no = lm.yes_no_tokens()
   lora_cfg = _lora_config(cfg)
 
-  def eval_fn(adapters):
-    logits = evaluate.score_examples(lm, valid, yes, no, adapters, lora_cfg,
-                                     batch_size=cfg.eval.batch_size)
+  def eval_fn(weights):
+    logits = evaluate.score_examples(lm, valid, yes, no, batch_size=cfg.eval.batch_size,
+                                     **_scoring_weights(lm, lora_cfg, weights))
     return {k: v for k, v in evaluate.evaluate_split(valid["label"], logits).items()
             if v is not None}
 
@@ -327,13 +339,14 @@ def finetune(cfg, workdir):
       yield batches.pad_batch(examples, rows, pad)
 
   summary = loop.fit(lm, lora_cfg, train_batches, steps=updates_per_epoch * f.epochs, lr=f.lr,
-                     weight_decay=f.weight_decay, grad_accum=f.grad_accum,
+                     weight_decay=f.weight_decay, grad_accum=f.grad_accum, warmup=f.warmup,
+                     loss=f.loss, answer_ids=(yes, no),
                      checkpoint_dir=workdir / "checkpoints",
                      save_every=f.eval_every or updates_per_epoch,
                      eval_fn=eval_fn, eval_every=f.eval_every or updates_per_epoch,
                      patience=f.patience, seed=f.seed, progress=primary,
                      metrics_path=workdir / "metrics.jsonl" if primary else None)
-  summary = {k: v for k, v in summary.items() if k != "adapters"}
+  summary = {k: v for k, v in summary.items() if k != "weights"}
   if summary["status"] == "preempted":
     raise Preempted(f"finetune: SIGTERM at step {summary['step']}; checkpoint saved in "
                     f"{workdir / 'checkpoints'}; rerun the same command to resume")
@@ -352,18 +365,19 @@ def evaluate_stage(cfg, workdir):
   lm = load_model(cfg, workdir, dataset)
   yes, no = lm.yes_no_tokens()
   choice = str(cfg.eval.checkpoint)
-  adapters, lora_cfg, step = None, None, None
+  trained, step = {}, None
   if choice != "none":
     lora_cfg = _lora_config(cfg)
     keyword = choice in ("best", "latest") or choice.isdigit()
     folder = workdir / "checkpoints" if keyword else Path(choice)
     which = int(choice) if choice.isdigit() else ("latest" if choice == "latest" else "best")
-    adapters, step = loop.restore_adapters(lm, lora_cfg, folder, which)
+    weights, step = loop.restore_weights(lm, lora_cfg, folder, which)
+    trained = _scoring_weights(lm, lora_cfg, weights)
 
   def logits_of(split, limit):
     examples = _eval_examples(cfg, workdir, dataset, lm, split, limit, cfg.eval.rows)
-    return examples, evaluate.score_examples(lm, examples, yes, no, adapters, lora_cfg,
-                                             batch_size=cfg.eval.batch_size)
+    return examples, evaluate.score_examples(lm, examples, yes, no,
+                                             batch_size=cfg.eval.batch_size, **trained)
 
   valid, valid_logits = logits_of("valid", cfg.finetune.eval_samples)
   temperature = evaluate.fit_temperature(evaluate.logit_gap(valid_logits), valid["label"])

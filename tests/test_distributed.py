@@ -99,7 +99,7 @@ def _adapters(workdir):
   device = SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                         checkpointer.metadata(path).item_metadata)
-  return meta, checkpointer.restore(path, target)["adapters"]
+  return meta, checkpointer.restore(path, target)["weights"]
 
 
 def _leaves(tree):

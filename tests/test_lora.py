@@ -13,6 +13,7 @@ from rallrec_jax import parallel
 from rallrec_jax.llm import hf_io, lora
 from rallrec_jax.llm.config import CheckpointError, LMConfig
 from rallrec_jax.llm.model import Decoder
+from rallrec_jax.train import step as step_lib
 from tests.llm_fixtures import random_batch, tiny_hf_model
 
 QV = ("q_proj", "v_proj")
@@ -33,7 +34,7 @@ def trainer(tiny):
   """(LoraConfig, optimizer, jitted step), shared by the tests that train so it compiles once."""
   lora_cfg = lora.LoraConfig(rank=4, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
   optimizer = optax.adamw(3e-2)
-  return lora_cfg, optimizer, lora.make_train_step(tiny[1], lora_cfg, optimizer)
+  return lora_cfg, optimizer, step_lib.make_train_step(tiny[1], lora_cfg, optimizer)
 
 
 def batch_of(cfg, length=12):
@@ -105,7 +106,7 @@ def test_train_step_trains_adapters_only(tiny, trainer):
   adapters = lora.init(jax.random.key(0), cfg, lora_cfg)
   a_before = by_module(adapters, "a")
   params_before = jax.tree.map(np.array, params)
-  state = lora.init_train_state(jax.random.key(1), adapters, optimizer)
+  state = step_lib.init_train_state(jax.random.key(1), adapters, optimizer)
   losses = []
   for _ in range(6):
     state, metrics = step(state, params, batch_of(cfg))
@@ -114,7 +115,7 @@ def test_train_step_trains_adapters_only(tiny, trainer):
   assert int(state["step"]) == 6
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, params), params_before)
   # B starts at 0 and A's only other force is a tiny weight decay: movement means a gradient.
-  b_after, a_after = by_module(state["adapters"], "b"), by_module(state["adapters"], "a")
+  b_after, a_after = by_module(state["weights"], "b"), by_module(state["weights"], "a")
   assert len(b_after) == 3 * cfg.num_layers
   for module, b in b_after.items():
     assert np.abs(b).min() > 0, module
@@ -207,7 +208,7 @@ def test_sharded_adapters_and_step_match_unsharded(tiny, trainer):
   losses = {}
   for name, adapters, p, b in (("sharded", sharded, sharded_params, sharded_batch),
                                ("single", single, params, batch)):
-    state = lora.init_train_state(jax.random.key(1), randomize_b(adapters), optimizer)
+    state = step_lib.init_train_state(jax.random.key(1), randomize_b(adapters), optimizer)
     for _ in range(2):
       state, metrics = step(state, p, b)
     losses[name] = float(metrics["loss"])

@@ -99,7 +99,7 @@ def test_resume_after_sigterm_matches_uninterrupted_run(lm, full_run, tmp_path):
   assert first["status"] == "preempted" and first["step"] == 3
   second = run(lm, tmp_path)
   assert second["status"] == "complete" and second["step"] == STEPS
-  assert_same_adapters(second["adapters"], full_run[1]["adapters"], 1e-6)
+  assert_same_adapters(second["weights"], full_run[1]["weights"], 1e-6)
   resumed, full = read_metrics(tmp_path), read_metrics(full_run[0])
   assert len(resumed) == len(full)
   for r, f in zip(resumed, full):
@@ -119,13 +119,13 @@ def test_rerun_of_complete_run_trains_nothing(lm, full_run, caplog):
   assert again["status"] == "already_complete" and again["step"] == STEPS
   assert "ALREADY COMPLETE" in caplog.text
   assert (workdir / "metrics.jsonl").read_text() == before
-  assert_same_adapters(again["adapters"], summary["adapters"], 0)
+  assert_same_adapters(again["weights"], summary["weights"], 0)
 
 
 def test_grad_accum_matches_larger_batch(lm, full_run, tmp_path):
   accumulated = run(lm, tmp_path, batch_size=4, grad_accum=2)
   assert accumulated["examples_seen"] == full_run[1]["examples_seen"]
-  assert_same_adapters(accumulated["adapters"], full_run[1]["adapters"], 1e-5)
+  assert_same_adapters(accumulated["weights"], full_run[1]["weights"], 1e-5)
 
 
 def test_checkpoint_from_8_devices_restores_on_4(folder, tmp_path):
@@ -134,8 +134,8 @@ def test_checkpoint_from_8_devices_restores_on_4(folder, tmp_path):
   trained = run(load_pretrained(folder, mesh=mesh8), tmp_path, steps=2, eval_fn=None)
   restored = run(load_pretrained(folder, mesh=mesh4), tmp_path, steps=2, eval_fn=None)
   assert restored["status"] == "already_complete"
-  assert_same_adapters(restored["adapters"], trained["adapters"], 0)
-  for leaf in jax.tree.leaves(restored["adapters"]):
+  assert_same_adapters(restored["weights"], trained["weights"], 0)
+  for leaf in jax.tree.leaves(restored["weights"]):
     assert leaf.sharding.mesh.devices.size == 4
 
 

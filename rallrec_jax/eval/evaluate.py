@@ -38,8 +38,11 @@ def lora_yes_no_logits(cfg, params, adapters, lora_cfg, input_ids, attention_mas
 
 
 def score_examples(lm, examples, yes_id, no_id, adapters=None, lora_cfg=None, batch_size=16,
-                   bucket=32, progress=True):
+                   bucket=32, progress=True, params=None):
   """[N, 2] float32 (yes, no) logits of prompt-only examples, in their order.
+
+  The model is `lm` with `params` (default: its own, e.g. fully fine-tuned weights) and, when
+  given, LoRA `adapters` of `lora_cfg` on top.
 
   Examples are sorted by length and cut into batches of `batch_size` rows (short batches repeat
   their last prompt), each left-padded to a multiple of `bucket` tokens, so few shapes compile.
@@ -55,6 +58,7 @@ def score_examples(lm, examples, yes_id, no_id, adapters=None, lora_cfg=None, ba
     raise ValueError(f"example {int(np.argmax(lengths == 0))} has no tokens")
   yes_id, no_id = np.int32(yes_id), np.int32(no_id)
   pad_id = lm.tokenizer.pad_token_id or 0
+  params = lm.params if params is None else params
   out = np.zeros((len(lengths), 2), np.float32)
   order = np.argsort(-lengths, kind="stable")
   bar = tqdm(total=len(order), desc="score", unit="prompt",
@@ -65,10 +69,9 @@ def score_examples(lm, examples, yes_id, no_id, adapters=None, lora_cfg=None, ba
     batch = batches.pad_batch(examples, filled, pad_id, bucket)
     ids, mask = lm.place(batch["input_ids"]), lm.place(batch["attention_mask"])
     if adapters is None:
-      logits = score.yes_no_logits(lm.cfg, lm.params, ids, mask, yes_id, no_id)
+      logits = score.yes_no_logits(lm.cfg, params, ids, mask, yes_id, no_id)
     else:
-      logits = lora_yes_no_logits(lm.cfg, lm.params, adapters, lora_cfg, ids, mask, yes_id,
-                                  no_id)
+      logits = lora_yes_no_logits(lm.cfg, params, adapters, lora_cfg, ids, mask, yes_id, no_id)
     out[rows] = distributed.to_host(logits)[:len(rows)]
     bar.update(len(rows))
   bar.close()

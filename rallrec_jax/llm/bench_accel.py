@@ -17,6 +17,7 @@ import sys
 
 from rallrec_jax.llm import bench_lora
 from rallrec_jax.llm.config import LMConfig
+from rallrec_jax.train import step as step_lib
 
 # Llama-3.2-1B's shape: 1.24B parameters with the tied embedding.
 LLAMA_1B = LMConfig(
@@ -53,8 +54,8 @@ def _jax_records(args):
               "params": cfg.num_params()}
     try:
       optimizer = optax.adamw(1e-4)
-      step = lora.make_train_step(cfg, lora_cfg, optimizer)
-      holder = {"state": lora.init_train_state(jax.random.key(1), lora.init(
+      step = step_lib.make_train_step(cfg, lora_cfg, optimizer)
+      holder = {"state": step_lib.init_train_state(jax.random.key(1), lora.init(
           jax.random.key(0), cfg, lora_cfg), optimizer)}
       batch = {"input_ids": ids, "attention_mask": ones, "loss_mask": ones}
 

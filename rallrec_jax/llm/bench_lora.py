@@ -19,6 +19,7 @@ import optax
 from rallrec_jax.llm import api, flops, lora
 from rallrec_jax.llm.config import LMConfig
 from rallrec_jax.llm.model import Decoder
+from rallrec_jax.train import step as step_lib
 
 SMOLLM2_135M = LMConfig(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
@@ -53,8 +54,8 @@ def timed(run_step, steps):
 
 def _jax_seconds(cfg, params, ids, steps):
   optimizer = optax.adamw(LEARNING_RATE)
-  step = lora.make_train_step(cfg, LORA, optimizer)
-  state = lora.init_train_state(jax.random.key(1), lora.init(jax.random.key(0), cfg, LORA),
+  step = step_lib.make_train_step(cfg, LORA, optimizer)
+  state = step_lib.init_train_state(jax.random.key(1), lora.init(jax.random.key(0), cfg, LORA),
                                 optimizer)
   ones = jnp.ones(ids.shape, jnp.int32)
   batch = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": ones, "loss_mask": ones}

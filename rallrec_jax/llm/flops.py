@@ -40,6 +40,11 @@ def lora_train_flops_per_token(cfg, seq_len):
   return 4 * matmul_params(cfg) + 3 * attention_flops(cfg, seq_len)
 
 
+def full_train_flops_per_token(cfg, seq_len):
+  """Full fine-tuning: forward, input gradients and weight gradients of every matmul."""
+  return 6 * matmul_params(cfg) + 3 * attention_flops(cfg, seq_len)
+
+
 _measured = {}
 
 

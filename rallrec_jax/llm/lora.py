@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
 
 from rallrec_jax import atomic, parallel
 from rallrec_jax.llm import hf_io, safetensors_io
@@ -305,48 +304,3 @@ def _chunked_ce_bwd(dh, g):
 
 
 _chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
-
-
-def init_train_state(rng, adapters, optimizer):
-  """The state `make_train_step`'s step takes: adapters, optimizer state, step, dropout rng.
-
-  Every leaf is placed on the adapters' mesh (replicated unless already laid out there), the
-  placement the step gives back, so the second step reuses the first one's compilation.
-  """
-  sharding = jax.tree.leaves(adapters)[0].sharding
-  mesh = sharding.mesh if isinstance(sharding, NamedSharding) else _single_device_mesh()
-  state = {"adapters": adapters, "opt_state": optimizer.init(adapters),
-           "step": jnp.zeros((), jnp.int32), "rng": rng}
-  return jax.tree.map(lambda x: _on_mesh(x, mesh), state)
-
-
-def _on_mesh(x, mesh):
-  if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
-    return x
-  return parallel.replicate(x, mesh)
-
-
-def make_train_step(cfg, lora_cfg, optimizer):
-  """A jitted `step(state, params, batch) -> (state, metrics)` that trains the adapters only.
-
-  `state` comes from `init_train_state`; `batch` holds [B, T] "input_ids", "attention_mask" and
-  "loss_mask" (the tokens to predict, see `next_token_loss`). The base params are an argument
-  (not a baked-in constant), so one compiled step serves any weights of this shape; the state is
-  donated so its buffers are reused in place.
-  """
-  def loss_fn(adapters, params, batch, dropout_rng):
-    hidden, _ = apply(cfg, params, adapters, lora_cfg, batch["input_ids"],
-                      batch["attention_mask"], method=Decoder.hidden, dropout_rng=dropout_rng)
-    return hidden_next_token_loss(hidden, output_matrix(cfg, params), batch["input_ids"],
-                                  batch["loss_mask"])
-
-  def step(state, params, batch):
-    rng, dropout_rng = jax.random.split(state["rng"])
-    loss, grads = jax.value_and_grad(loss_fn)(
-        state["adapters"], params, batch, dropout_rng if lora_cfg.dropout > 0 else None)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["adapters"])
-    new_state = {"adapters": optax.apply_updates(state["adapters"], updates),
-                 "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-  return jax.jit(step, donate_argnums=0)

@@ -11,7 +11,8 @@ import numpy as np
 
 
 def pad_batch(examples, rows, pad_id, bucket=32):
-  """{"input_ids", "attention_mask", "loss_mask"}: left-padded int32 [len(rows), T] arrays.
+  """{"input_ids", "attention_mask", "loss_mask"}: left-padded int32 [len(rows), T] arrays,
+  and "label" [len(rows)] when `examples` has labels.
 
   `examples` holds "input_ids" and "loss_mask" lists (as `build_examples` returns them); T is
   the longest of `rows` rounded up to a multiple of `bucket`.
@@ -29,6 +30,8 @@ def pad_batch(examples, rows, pad_id, bucket=32):
     out["input_ids"][r, length - n:] = examples["input_ids"][i]
     out["attention_mask"][r, length - n:] = 1
     out["loss_mask"][r, length - n:] = examples["loss_mask"][i]
+  if "label" in examples:
+    out["label"] = np.asarray(examples["label"], np.int32)[rows]
   return out
 
 

@@ -1,7 +1,7 @@
 """Resumable training checkpoints: the train-state pytree plus a JSON record of the run.
 
-Each directory holds one orbax `CheckpointManager` with two items per step: "state" (adapters,
-optimizer state, step, rng) and "meta" (data position, epoch, best evaluation, and the LoRA and
+Each directory holds one orbax `CheckpointManager` with two items per step: "state" (trained
+weights, optimizer state, step, rng) and "meta" (data position, epoch, best evaluation, and the LoRA and
 base-model fields that fix the state's shapes). The state is restored straight into the
 shardings of a caller-provided abstract state, so a run can resume on a different mesh.
 """
@@ -32,8 +32,9 @@ def latest_step(mngr):
 
 
 def compat(cfg, lora_cfg):
-  """The fields that must match for a checkpoint's state to fit this model and adapter."""
-  return {"lora": dataclasses.asdict(lora_cfg),
+  """The fields that must match for a checkpoint's state to fit this model and its trained
+  weights (LoRA adapters, or every weight when `lora_cfg` is None)."""
+  return {"lora": None if lora_cfg is None else dataclasses.asdict(lora_cfg),
           "base": {f: getattr(cfg, f) for f in lora.BASE_FIELDS}}
 
 
@@ -77,11 +78,15 @@ def restore(mngr, abstract_state, step=None, expect=None):
 
 def check(meta, expect, where):
   """Raise a ValueError naming the first LoRA or base-model field that differs."""
-  stored = {"rank": meta["lora"]["rank"], "targets": tuple(meta["lora"]["targets"]),
-            **{f"base {k}": v for k, v in meta["base"].items()}}
-  wanted = {"rank": expect["lora"]["rank"], "targets": tuple(expect["lora"]["targets"]),
-            **{f"base {k}": v for k, v in expect["base"].items()}}
+  def fields(record):
+    method = "full" if record["lora"] is None else "lora"
+    out = {"method": method, **{f"base {k}": v for k, v in record["base"].items()}}
+    if method == "lora":
+      out.update(rank=record["lora"]["rank"], targets=tuple(record["lora"]["targets"]))
+    return out
+
+  stored, wanted = fields(meta), fields(expect)
   for name, value in wanted.items():
     if stored.get(name) != value:
-      raise ValueError(f"{where}: checkpoint has LoRA {name} = {stored.get(name)!r}, "
+      raise ValueError(f"{where}: checkpoint has {name} = {stored.get(name)!r}, "
                        f"the current model needs {value!r}")

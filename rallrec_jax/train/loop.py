@@ -1,9 +1,10 @@
-"""A resumable LoRA training loop: AdamW, gradient accumulation, evaluation, checkpoints.
+"""A resumable fine-tuning loop (LoRA or full): AdamW, warmup, accumulation, checkpoints.
 
 `fit` counts optimizer updates; each update consumes `grad_accum` batches. Everything a resumed
-run needs to continue exactly (adapters, optimizer and accumulator state, rng, the number of
-examples consumed, the best evaluation so far) goes into every checkpoint, so stopping and
-resuming gives the same adapters as one uninterrupted run.
+run needs to continue exactly (trained weights, optimizer and accumulator state, rng, the number
+of examples consumed, the best evaluation so far) goes into every checkpoint, so stopping and
+resuming gives the same weights as one uninterrupted run. `lora_cfg` None means full
+fine-tuning (see `rallrec_jax.train.step`).
 """
 import contextlib
 import functools
@@ -20,36 +21,40 @@ import optax
 from tqdm import tqdm
 
 from rallrec_jax import parallel
-from rallrec_jax.llm import flops, lora
-from rallrec_jax.train import checkpoint
+from rallrec_jax.llm import flops
+from rallrec_jax.train import checkpoint, step as step_lib
 
 log = logging.getLogger(__name__)
 
 
-def schedule(lr, steps):
-  """Linear decay from `lr` to 0 over `steps` updates, without warmup."""
-  return optax.linear_schedule(lr, 0.0, max(steps, 1))
+def schedule(lr, steps, warmup=0):
+  """Linear warmup from 0 to `lr` over `warmup` updates, then linear decay to 0 at `steps`."""
+  decay = optax.linear_schedule(lr, 0.0, max(steps - warmup, 1))
+  if warmup <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
 @functools.lru_cache(maxsize=8)
-def _trainer(cfg, lora_cfg, steps, lr, weight_decay, grad_accum):
+def _trainer(cfg, lora_cfg, steps, lr, weight_decay, grad_accum, warmup=0, loss="lm",
+             answer_ids=None):
   """(optimizer, jitted step), cached so repeated runs of one setup compile once."""
-  inner = optax.adamw(schedule(lr, steps), weight_decay=weight_decay)
+  inner = optax.adamw(schedule(lr, steps, warmup), weight_decay=weight_decay)
   optimizer = optax.MultiSteps(inner, every_k_schedule=grad_accum)
-  return optimizer, lora.make_train_step(cfg, lora_cfg, optimizer)
+  return optimizer, step_lib.make_train_step(cfg, lora_cfg, optimizer, loss, answer_ids)
 
 
 def _fresh_state(lm, lora_cfg, optimizer, seed):
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
-  adapters = lora.init(init_rng, lm.cfg, lora_cfg, lm.mesh, lm.rules)
-  return lora.init_train_state(dropout_rng, adapters, optimizer)
+  weights = step_lib.initial_weights(init_rng, lm, lora_cfg)
+  return step_lib.init_train_state(dropout_rng, weights, optimizer)
 
 
-def restore_adapters(lm, lora_cfg, checkpoint_dir, step="best"):
-  """(adapters, step) of a fine-tune checkpoint: "best", "latest" or an int step.
+def restore_weights(lm, lora_cfg, checkpoint_dir, step="best"):
+  """(trained weights, step) of a fine-tune checkpoint: "best", "latest" or an int step.
 
-  The optimizer's state layout depends only on the adapters and the accumulation count, both
-  in the checkpoint's meta, so the state is rebuilt from them and restored into it.
+  The optimizer's state layout depends only on the weights and the accumulation count, both
+  fixed by the checkpoint's meta, so the state is rebuilt from them and restored into it.
   """
   mngr = checkpoint.manager(checkpoint_dir)
   try:
@@ -67,7 +72,7 @@ def restore_adapters(lm, lora_cfg, checkpoint_dir, step="best"):
                                   expect=checkpoint.compat(lm.cfg, lora_cfg))
   finally:
     mngr.close()
-  return state["adapters"], int(step)
+  return state["weights"], int(step)
 
 
 def _fresh_meta(lm, lora_cfg, steps, grad_accum):
@@ -105,8 +110,8 @@ class _Metrics:
 
 
 def _update(step_fn, state, lm, batches, grad_accum, meta):
-  """One optimizer update over `grad_accum` batches: (state, mean loss, tokens)."""
-  losses, tokens = [], 0
+  """One optimizer update over `grad_accum` batches: (state, mean metrics, tokens)."""
+  records, tokens = [], 0
   for _ in range(grad_accum):
     batch = next(batches, None)
     if batch is None:
@@ -114,15 +119,17 @@ def _update(step_fn, state, lm, batches, grad_accum, meta):
     placed = {k: lm.place(np.asarray(v, np.int32)) for k, v in batch.items()}
     with parallel.activation_sharding(lm.mesh, lm.rules):
       state, metrics = step_fn(state, lm.params, placed)
-    losses.append(metrics["loss"])
+    records.append(metrics)
     tokens += int(np.sum(batch["attention_mask"]))
     meta["position"] += len(batch["input_ids"])
-  return state, float(np.mean([float(x) for x in losses])), tokens
+  means = {k: float(np.mean([float(r[k]) for r in records])) for k in records[0]
+           if k != "grad_norm"}
+  return state, means, tokens
 
 
-def _evaluate(eval_fn, adapters, step, meta):
-  """Run `eval_fn`, update the best step in `meta`; True when this evaluation improved."""
-  result = {k: float(v) for k, v in eval_fn(adapters).items()}
+def _evaluate(eval_fn, weights, step, meta):
+  """Run `eval_fn`, update the best step in `meta`; returns its result."""
+  result = {k: float(v) for k, v in eval_fn(weights).items()}
   auc = result["auc"]
   improved = meta["best_auc"] is None or auc > meta["best_auc"]
   if improved:
@@ -134,10 +141,10 @@ def _evaluate(eval_fn, adapters, step, meta):
   return result
 
 
-def _summary(status, step, meta, adapters, loss=None):
+def _summary(status, step, meta, weights, loss=None):
   return {"status": status, "step": step, "examples_seen": meta["position"],
           "best_step": meta["best_step"], "best_auc": meta["best_auc"], "final_loss": loss,
-          "adapters": adapters}
+          "weights": weights}
 
 
 def _start(mngr, lm, lora_cfg, optimizer, seed, steps, grad_accum):
@@ -154,27 +161,33 @@ def _start(mngr, lm, lora_cfg, optimizer, seed, steps, grad_accum):
 
 
 def fit(lm, lora_cfg, train_batches_fn, *, steps, lr=5e-4, weight_decay=0.0, grad_accum=1,
-        checkpoint_dir, save_every, eval_fn=None, eval_every=None, patience=None,
-        metrics_path=None, seed=0, progress=True):
-  """Train LoRA adapters on `lm` for `steps` optimizer updates; returns a summary dict.
+        warmup=0, loss="lm", answer_ids=None, checkpoint_dir, save_every, eval_fn=None,
+        eval_every=None, patience=None, metrics_path=None, seed=0, progress=True):
+  """Fine-tune `lm` for `steps` optimizer updates; returns a summary dict.
 
-  `train_batches_fn(position)` yields dict batches of [B, T] "input_ids", "attention_mask" and
-  "loss_mask" starting at example `position`, the same ones every time, so a run resumed from
-  `checkpoint_dir` continues on the data it would have seen. `eval_fn(adapters)` returns a dict
-  with "auc"; the best step is kept and, with `patience`, training stops after that many
-  evaluations without improvement. SIGTERM saves a checkpoint and returns status "preempted".
+  `lora_cfg` is a LoraConfig (adapters) or None (every weight). `train_batches_fn(position)`
+  yields dict batches of [B, T] "input_ids", "attention_mask", "loss_mask" and [B] "label"
+  starting at example `position`, the same ones every time, so a run resumed from
+  `checkpoint_dir` continues on the data it would have seen. `loss` and `answer_ids` are those
+  of `step.make_train_step`. `eval_fn(weights)` returns a dict with "auc"; the best step is kept
+  and, with `patience`, training stops after that many evaluations without improvement.
+  SIGTERM saves a checkpoint and returns status "preempted".
   """
-  optimizer, step_fn = _trainer(lm.cfg, lora_cfg, steps, lr, weight_decay, grad_accum)
+  answer_ids = None if answer_ids is None else tuple(int(i) for i in answer_ids)
+  optimizer, step_fn = _trainer(lm.cfg, lora_cfg, steps, lr, weight_decay, grad_accum, warmup,
+                                loss, answer_ids)
   mngr = checkpoint.manager(checkpoint_dir)
   try:
     state, meta, step = _start(mngr, lm, lora_cfg, optimizer, seed, steps, grad_accum)
     if meta["done"] or step >= steps:
       log.warning("TRAINING ALREADY COMPLETE: %s holds step %d of %d; nothing to train",
                   checkpoint_dir, step, steps)
-      return _summary("already_complete", step, meta, state["adapters"])
+      return _summary("already_complete", step, meta, state["weights"])
     with _sigterm_flag() as preempted:
       return _train(lm, step_fn, state, meta, step, mngr, train_batches_fn, preempted,
-                    dict(steps=steps, lr=lr, grad_accum=grad_accum, save_every=save_every,
+                    dict(steps=steps, lr=lr, warmup=warmup, grad_accum=grad_accum,
+                         full=lora_cfg is None,
+                         save_every=save_every,
                          eval_fn=eval_fn, eval_every=eval_every, patience=patience,
                          metrics=_Metrics(metrics_path), progress=progress))
   finally:
@@ -183,25 +196,27 @@ def fit(lm, lora_cfg, train_batches_fn, *, steps, lr=5e-4, weight_decay=0.0, gra
 
 def _train(lm, step_fn, state, meta, step, mngr, train_batches_fn, preempted, opts):
   """The loop proper, from `step` to the end, an early stop or a preemption."""
-  steps, lr_at = opts["steps"], schedule(opts["lr"], opts["steps"])
+  steps, lr_at = opts["steps"], schedule(opts["lr"], opts["steps"], opts["warmup"])
   # Matmul FLOPs only (the attention term depends on each batch's length): a lower bound.
-  per_token = flops.lora_train_flops_per_token(lm.cfg, 0)
+  per_token = (flops.full_train_flops_per_token if opts["full"]
+               else flops.lora_train_flops_per_token)(lm.cfg, 0)
   batches = iter(train_batches_fn(meta["position"]))
   bar = tqdm(total=steps, initial=step, disable=not opts["progress"], desc="lora")
   start, first, loss, status = time.perf_counter(), step, None, "complete"
   while step < steps:
     tick = time.perf_counter()
-    state, loss, tokens = _update(step_fn, state, lm, batches, opts["grad_accum"], meta)
+    state, means, tokens = _update(step_fn, state, lm, batches, opts["grad_accum"], meta)
+    loss = means["loss"]
     step += 1
     now = time.perf_counter()
     tokens_per_s = tokens / max(now - tick, 1e-9)
-    record = {"step": step, "loss": loss, "lr": float(lr_at(step - 1)),
+    record = {"step": step, **means, "lr": float(lr_at(step - 1)),
               "tokens_per_s": tokens_per_s, "mfu": flops.mfu(per_token, tokens_per_s),
               "examples_seen": meta["position"],
               "eta_s": (now - start) / (step - first) * (steps - step)}
     if opts["eval_fn"] is not None and (step == steps or (opts["eval_every"]
                                                           and step % opts["eval_every"] == 0)):
-      record["eval"] = _evaluate(opts["eval_fn"], state["adapters"], step, meta)
+      record["eval"] = _evaluate(opts["eval_fn"], state["weights"], step, meta)
     opts["metrics"].write(record)
     bar.update(1)
     bar.set_postfix(loss=f"{loss:.4f}")
@@ -218,4 +233,4 @@ def _train(lm, step_fn, state, meta, step, mngr, train_batches_fn, preempted, op
   bar.close()
   meta["done"] = status != "preempted"
   checkpoint.save(mngr, step, state, meta)
-  return _summary(status, step, meta, state["adapters"], loss)
+  return _summary(status, step, meta, state["weights"], loss)
