@@ -23,6 +23,7 @@ from typing import Callable
 from rallrec_jax import atomic
 from rallrec_jax import config as config_lib
 from rallrec_jax import data, distributed, stages
+from rallrec_jax.eval import baselines
 
 log = logging.getLogger("rallrec_jax")
 
@@ -149,25 +150,42 @@ register(Stage(
 register(Stage(
     name="evaluate",
     help="P(yes) of a checkpoint (eval.checkpoint: best, latest, STEP, a folder, or none for "
-         "zero-shot) on eval.splits: writes eval/{split}.json and eval/{split}_predictions.npz",
+         "zero-shot) on eval.splits, and non-LLM baselines fitted on the train split (item "
+         "like-rate, user like-rate and mean rating of the prompt's history, a logistic "
+         "regression on the three) on the same rows: writes eval/{split}.json, "
+         "eval/{split}_predictions.npz and eval/{split}_baselines.json",
     run=stages.evaluate_stage, config_keys=("eval", "finetune", "model", "retrieval"),
     deps=lambda cfg: ("prepare", "retrieve") if str(cfg.eval.checkpoint) == "none" else (
         "prepare", "retrieve", "finetune"),
-    outputs=("eval",), external_inputs=stages.model_files, distributed=True))
+    outputs=("eval",), external_inputs=stages.model_files, version=2, distributed=True))
+
+
+def _number(value):
+  return "-" if value is None else f"{value:.4f}"
 
 
 def results_table(workdir):
-  """A text table of the workdir's eval/{split}.json files ("" when there are none)."""
-  rows = []
+  """A text table of the workdir's eval/{split}.json files ("" when there are none), each
+  split's row followed by its eval/{split}_baselines.json rows with AUC(LLM) - AUC(baseline)."""
+  lines = []
   for path in sorted((Path(workdir) / "eval").glob("*.json")):
+    if path.stem.endswith(baselines.SUFFIX):
+      continue
     m = json.loads(path.read_text())
-    calibrated = m.get("logloss_calibrated")
-    rows.append(f"{path.stem:<6} {m['auc']:.4f}  {m['logloss']:.4f}  "
-                f"{'-' if calibrated is None else f'{calibrated:.4f}':>10}  {m['acc']:.4f}  "
-                f"{m['n']:>6}  {m.get('checkpoint')} (step {m.get('step')})")
-  if not rows:
+    lines.append((path.stem, m, f"{m.get('checkpoint')} (step {m.get('step')})"))
+    extra = baselines.path(workdir, path.stem)
+    if extra.is_file():
+      for name, b in json.loads(extra.read_text()).items():
+        low, high = b["auc_diff_ci"]
+        lines.append((f"  baseline: {baselines.TITLES.get(name, name)}", b,
+                      f"LLM minus it {b['auc_diff']:+.4f} [{low:+.4f}, {high:+.4f}]"))
+  if not lines:
     return ""
-  header = "split  AUC     LogLoss  calibrated  ACC     n       checkpoint"
+  width = max(6, *(len(label) for label, _, _ in lines))
+  rows = [f"{label:<{width}} {m['auc']:.4f}  {_number(m['logloss']):>7}  "
+          f"{_number(m.get('logloss_calibrated')):>10}  {_number(m['acc']):>6}  {m['n']:>6}  "
+          f"{last}" for label, m, last in lines]
+  header = f"{'split':<{width}} AUC     LogLoss  calibrated  ACC     n       checkpoint"
   return "\n".join([header] + rows)
 
 

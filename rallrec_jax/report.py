@@ -8,7 +8,9 @@ that differ between the runs given. DIR (default ./report) receives:
 
   report.md        one row per run: n, AUC with a 95% bootstrap CI, log loss (also after the
                    validation-fitted temperature, when the run has it), accuracy, and the AUC
-                   difference to the baseline run with a 95% paired bootstrap CI
+                   difference to the baseline run with a 95% paired bootstrap CI; under a run
+                   with W/eval/{split}_baselines.json, one row per non-LLM baseline scored on
+                   the same rows, with AUC(LLM) - AUC(baseline) and its paired CI
   roc.png          ROC curves, AUC in the legend
   calibration.png  reliability diagram (equal-count bins) over each run's score histogram
   auc_vs_k.png     AUC with its CI against retrieval.k, one line per setting of the other keys
@@ -27,7 +29,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from rallrec_jax import atomic
-from rallrec_jax.eval import bootstrap, metrics
+from rallrec_jax.eval import baselines, bootstrap, metrics
 
 K_KEY = "retrieval.k"
 LEGEND_WIDTH = 60
@@ -47,6 +49,7 @@ class Run:
   sample: np.ndarray
   label: np.ndarray
   score: np.ndarray
+  baselines: dict = None  # eval/{split}_baselines.json, when the run has it
 
 
 def _read_json(path, missing):
@@ -89,7 +92,28 @@ def load_run(workdir, split):
   if not np.isin(label, (0, 1)).all() or len(np.unique(label)) != 2:
     raise ReportError(f"{path}: AUC needs labels 0 and 1, found {np.unique(label).tolist()}")
   return Run(workdir, flatten(config), summary, sample.astype(np.int64), label.astype(np.int8),
-             score.astype(np.float64))
+             score.astype(np.float64), _load_baselines(workdir, split, len(sample)))
+
+
+BASELINE_KEYS = ("auc", "auc_ci", "logloss", "acc", "n", "auc_diff", "auc_diff_ci")
+
+
+def _load_baselines(workdir, split, n):
+  """eval/{split}_baselines.json of a run (None when absent), checked against its n rows."""
+  path = baselines.path(workdir, split)
+  if not path.is_file():
+    return None
+  rerun = "rerun --stages evaluate"
+  table = _read_json(path, rerun)
+  if not isinstance(table, dict):
+    raise ReportError(f"{path}: not a table of baselines; {rerun}")
+  for name, entry in table.items():
+    absent = [k for k in BASELINE_KEYS if not isinstance(entry, dict) or k not in entry]
+    if absent:
+      raise ReportError(f"{path}: {name!r} lacks {', '.join(absent)}; {rerun}")
+    if entry["n"] != n:
+      raise ReportError(f"{path}: {name!r} scored {entry['n']} rows, the LLM {n}; {rerun}")
+  return table
 
 
 def flatten(tree, prefix=""):
@@ -118,11 +142,15 @@ def settings(config, keys):
   return ", ".join(f"{k}={format_value(config.get(k, '<absent>'))}" for k in keys)
 
 
+def run_names(workdirs):
+  """Folder names, or the paths as given when names repeat."""
+  names = [Path(w).name for w in workdirs]
+  return names if len(set(names)) == len(names) else [str(w) for w in workdirs]
+
+
 def run_labels(workdirs, configs):
   """Folder name (the path as given when names repeat) plus the settings that differ."""
-  names = [Path(w).name for w in workdirs]
-  if len(set(names)) < len(names):
-    names = [str(w) for w in workdirs]
+  names = run_names(workdirs)
   keys = differing_keys(configs)
   return [f"{name}: {settings(c, keys)}" if keys else name for name, c in zip(names, configs)]
 
@@ -152,7 +180,7 @@ def calibration_bins(labels, scores, bins=10):
 
 @dataclasses.dataclass
 class Row:
-  """One run's line of the table."""
+  """One line of the table: a run, or a non-LLM baseline scored on a run's rows."""
   label: str
   n: int
   auc: float
@@ -164,6 +192,8 @@ class Row:
   baseline: bool = False
   diff: float = None
   diff_ci: tuple = None
+  llm_diff: float = None     # baseline rows: AUC(the run's LLM) - AUC(this baseline)
+  llm_diff_ci: tuple = None
 
 
 def summarize(runs, labels, base, resamples=1000, seed=0):
@@ -208,6 +238,14 @@ def summarize(runs, labels, base, resamples=1000, seed=0):
   return rows, notes
 
 
+def baseline_rows(run, name):
+  """The rows of a run's non-LLM baselines (none without eval/{split}_baselines.json)."""
+  return [Row(f"baseline: {baselines.TITLES.get(key, key)} [{name}]", b["n"], b["auc"],
+              tuple(b["auc_ci"]), b["logloss"], None, b["acc"], "-",
+              llm_diff=b["auc_diff"], llm_diff_ci=tuple(b["auc_diff_ci"]))
+          for key, b in (run.baselines or {}).items()]
+
+
 def _legend(label, width=LEGEND_WIDTH):
   """A legend entry short enough to leave the axes their room (the table has the full label)."""
   return label if len(label) <= width else label[:width - 3] + "..."
@@ -217,23 +255,37 @@ def _cell(text):
   return str(text).replace("|", "\\|")
 
 
+def _number(value):
+  return "-" if value is None else f"{value:.4f}"
+
+
+def _difference(diff, ci):
+  return [f"{diff:+.4f}", f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"]
+
+
 def markdown_table(rows):
-  """The runs as a markdown table; the calibrated log loss column only when a run has it."""
+  """The rows as a markdown table; the calibrated log loss column only when a run has it, the
+  LLM-minus-baseline columns only when there are baseline rows."""
   calibrated = any(r.logloss_calibrated is not None for r in rows)
+  versus_llm = any(r.llm_diff is not None for r in rows)
   header = ["run", "n", "AUC", "AUC 95% CI", "LogLoss"]
   header += ["LogLoss (calibrated)"] if calibrated else []
-  header += ["ACC", "ΔAUC vs baseline", "ΔAUC 95% CI", "checkpoint (step)"]
+  header += ["ACC", "ΔAUC vs baseline", "ΔAUC 95% CI"]
+  header += ["ΔAUC LLM − this", "ΔAUC LLM − this 95% CI"] if versus_llm else []
+  header += ["checkpoint (step)"]
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
   for r in rows:
     cells = [_cell(r.label), str(r.n), f"{r.auc:.4f}", f"[{r.auc_ci[0]:.4f}, {r.auc_ci[1]:.4f}]",
-             f"{r.logloss:.4f}"]
+             _number(r.logloss)]
     if calibrated:
-      cells.append("-" if r.logloss_calibrated is None else f"{r.logloss_calibrated:.4f}")
-    cells.append(f"{r.acc:.4f}")
+      cells.append(_number(r.logloss_calibrated))
+    cells.append(_number(r.acc))
     if r.diff_ci is not None:
-      cells += [f"{r.diff:+.4f}", f"[{r.diff_ci[0]:+.4f}, {r.diff_ci[1]:+.4f}]"]
+      cells += _difference(r.diff, r.diff_ci)
     else:
       cells += ["baseline" if r.baseline else "-", "-"]
+    if versus_llm:
+      cells += _difference(r.llm_diff, r.llm_diff_ci) if r.llm_diff is not None else ["-", "-"]
     cells.append(_cell(r.checkpoint))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -337,7 +389,15 @@ def report(workdirs, out="report", split="test", baseline=None, resamples=1000, 
            f"({resamples} resamples, seed {seed}); ΔAUC: AUC minus the baseline's, its CI from "
            "paired resamples of the samples both runs scored, matched by sample id. Calibrated "
            "log loss: after one temperature fitted on the validation split."] + notes
-  table = markdown_table(rows)
+  extra = [baseline_rows(run, name) for run, name in zip(runs, run_names(workdirs))]
+  if any(extra):
+    notes.append("Rows `baseline: ... [run]`: non-LLM baselines fitted on the train split and "
+                 f"scored on exactly the run's rows (eval/{split}_baselines.json, written by "
+                 "the evaluate stage); ΔAUC LLM − this: the run's AUC minus the baseline's, its "
+                 f"CI from {baselines.RESAMPLES} paired resamples (seed {baselines.SEED}) made "
+                 "by that stage, as is the baseline's AUC CI. The user mean rating is no "
+                 "probability: no log loss or accuracy.")
+  table = markdown_table([r for row, more in zip(rows, extra) for r in [row] + more])
   out = Path(out)
   paths = {name: out / name for name in ("report.md", "roc.png", "calibration.png",
                                           "auc_vs_k.png")}

@@ -17,7 +17,7 @@ from rallrec_jax import atomic, data, distributed, parallel
 from rallrec_jax import config as config_lib
 from rallrec_jax.align import contrastive, mix as mix_lib
 from rallrec_jax.cf import lightgcn
-from rallrec_jax.eval import evaluate
+from rallrec_jax.eval import baselines, evaluate
 from rallrec_jax.llm import load_pretrained, lora, tiny
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import candidates, history, index as index_lib
@@ -357,11 +357,26 @@ def finetune(cfg, workdir):
            summary["step"], summary["best_auc"], summary["best_step"])
 
 
+def _baselines(workdir, dataset, fitted, split, examples, scores):
+  """eval/{split}_baselines.json: the non-LLM baselines on the rows the LLM was scored on."""
+  result = history.load(Path(workdir) / "retrieval" / f"{split}.npz")
+  found = baselines.scores(fitted, dataset, split, result, examples["sample"])
+  table = baselines.compare(examples["label"], scores, found)
+  baselines.write(workdir, split, table)
+  for name, m in table.items():
+    log.info("evaluate: %s baseline %s: auc %.4f, LLM minus it %+.4f [%+.4f, %+.4f]", split,
+             name, m["auc"], m["auc_diff"], *m["auc_diff_ci"])
+
+
 def evaluate_stage(cfg, workdir):
   """eval/{split}.json and predictions: P(yes) of a checkpoint (or zero-shot) on each split,
-  with log loss also after one temperature fitted on the validation prompts."""
+  with log loss also after one temperature fitted on the validation prompts; and
+  eval/{split}_baselines.json, non-LLM baselines fitted on the train split, on the same rows."""
   workdir = Path(workdir)
   dataset = data.load_dataset(workdir)
+  primary = distributed.is_primary()
+  fitted = (baselines.fit(dataset, history.load(workdir / "retrieval" / "train.npz"))
+            if primary else None)
   lm = load_model(cfg, workdir, dataset)
   yes, no = lm.yes_no_tokens()
   choice = str(cfg.eval.checkpoint)
@@ -387,12 +402,13 @@ def evaluate_stage(cfg, workdir):
     metrics_dict = {**evaluate.evaluate_split(examples["label"], logits, temperature),
                     "step": step, "checkpoint": choice}
     scores = evaluate.sigmoid(evaluate.logit_gap(logits))
-    if distributed.is_primary():
-      evaluate.write_eval(workdir, split, metrics_dict, examples["sample"],
-                          examples["label"], scores)
     log.info("evaluate: %s (checkpoint %s, step %s): auc %.4f logloss %.4f acc %.4f n %d", split,
              choice, step, metrics_dict["auc"], metrics_dict["logloss"], metrics_dict["acc"],
              metrics_dict["n"])
+    if primary:
+      evaluate.write_eval(workdir, split, metrics_dict, examples["sample"],
+                          examples["label"], scores)
+      _baselines(workdir, dataset, fitted, split, examples, scores)
 
 
 def mix(cfg, workdir):

@@ -11,7 +11,7 @@ import pytest
 
 from rallrec_jax import config as config_lib
 from rallrec_jax import report
-from rallrec_jax.eval import bootstrap, metrics
+from rallrec_jax.eval import baselines, bootstrap, metrics
 from rallrec_jax.eval.evaluate import write_eval
 from tests.conftest import REPO
 
@@ -155,7 +155,7 @@ def test_report_table_plots_and_stdout(tmp_path, capsys):
   low, high = ci(c["ΔAUC 95% CI"])
   assert low <= float(c["ΔAUC vs baseline"]) <= high
   assert a["checkpoint (step)"] == "best (7)"
-  assert "different sample sets" not in text
+  assert "different sample sets" not in text and "ΔAUC LLM − this" not in text
   for name in ("roc.png", "calibration.png", "auc_vs_k.png"):
     (width, height), size = png_size(out / name)
     assert width >= 600 and height >= 450 and size > 15_000, name
@@ -186,6 +186,44 @@ def test_paired_difference_against_itself_and_on_shared_samples(tmp_path):
   assert "the 700 samples both scored" in text
   assert table_rows(text)["a"]["ΔAUC vs baseline"] == "baseline"
   assert png_size(out / "auc_vs_k.png")[1] > 15_000  # one shared k still plots
+
+
+def test_baseline_rows_under_the_run_that_has_them(tmp_path, capsys):
+  labels, scores = fake_scores(2000, 0.8, seed=10)
+  with_file, without = make_run(tmp_path / "a", labels, scores), make_run(tmp_path / "b", labels,
+                                                                          scores)
+  rng = np.random.default_rng(11)
+  found = {"item_like_rate": rng.random(2000),
+           "user_mean_rating": 3 + labels * 0.3 + rng.normal(0, 1, 2000)}
+  table = baselines.compare(labels, scores, found, resamples=200)
+  baselines.write(with_file, "test", table)
+  report.main([str(with_file), str(without), "--out", str(tmp_path / "out")])
+  rows = table_rows((tmp_path / "out" / "report.md").read_text())
+  assert list(rows) == ["a", "baseline: item like-rate [a]", "baseline: user mean rating [a]",
+                        "b"]
+  for name, title in (("item_like_rate", "item like-rate"),
+                      ("user_mean_rating", "user mean rating")):
+    row, entry = rows[f"baseline: {title} [a]"], table[name]
+    assert row["n"] == "2000"
+    assert float(row["AUC"]) == pytest.approx(sklearn_metrics.roc_auc_score(labels, found[name]),
+                                              abs=5e-5)
+    assert ci(row["AUC 95% CI"]) == pytest.approx(entry["auc_ci"], abs=5e-5)
+    assert float(row["ΔAUC LLM − this"]) == pytest.approx(
+        float(rows["a"]["AUC"]) - float(row["AUC"]), abs=2e-4)
+    assert ci(row["ΔAUC LLM − this 95% CI"]) == pytest.approx(entry["auc_diff_ci"], abs=5e-5)
+    assert (row["ΔAUC vs baseline"], row["checkpoint (step)"]) == ("-", "-")
+  item, mean = rows["baseline: item like-rate [a]"], rows["baseline: user mean rating [a]"]
+  assert item["LogLoss"] == f"{table['item_like_rate']['logloss']:.4f}"
+  assert (mean["LogLoss"], mean["ACC"]) == ("-", "-")
+  assert ci(item["ΔAUC LLM − this 95% CI"])[0] > 0
+  for run in ("a", "b"):
+    assert (rows[run]["ΔAUC LLM − this"], rows[run]["ΔAUC LLM − this 95% CI"]) == ("-", "-")
+  assert "baseline: item like-rate [a]" in capsys.readouterr().out
+
+  table["item_like_rate"]["n"] = 1999
+  baselines.write(with_file, "test", table)
+  with pytest.raises(report.ReportError, match="'item_like_rate' scored 1999 rows, the LLM 2000"):
+    report.load_run(with_file, "test")
 
 
 @pytest.mark.parametrize("remove, message", [

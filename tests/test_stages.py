@@ -6,11 +6,13 @@ import signal
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from rallrec_jax import data, pipeline
-from rallrec_jax.eval import evaluate
+from rallrec_jax.eval import baselines, evaluate
 from rallrec_jax.text import describe
 from rallrec_jax.train import loop
+from tests.test_baselines import loop_item_rates
 from tests.test_config import load_config
 
 STAGES = ["prepare", "describe", "embed", "cf", "align", "mix", "index", "retrieve"]
@@ -70,6 +72,22 @@ def test_rerun_skips_and_a_changed_key_reruns_only_downstream(run):
   np.testing.assert_array_equal(got["history"][i][:len(last)], last)
 
 
+def check_baselines(workdir):
+  """Every baseline scored on the LLM's rows: the item like-rate's AUC on the predictions' rows
+  as recomputed by a loop over the train samples."""
+  ds = data.load_dataset(workdir)
+  for split in ("valid", "test"):
+    llm = json.loads((workdir / "eval" / f"{split}.json").read_text())
+    found = json.loads((workdir / "eval" / f"{split}_baselines.json").read_text())
+    assert sorted(found) == sorted(baselines.TITLES)
+    assert all(b["n"] == llm["n"] for b in found.values())
+    predictions = np.load(workdir / "eval" / f"{split}_predictions.npz")
+    rates = loop_item_rates(ds, ds.splits[split].target[predictions["sample"]])
+    item = found["item_like_rate"]
+    assert item["auc"] == pytest.approx(roc_auc_score(predictions["label"], rates), abs=1e-12)
+    assert item["auc_diff"] == pytest.approx(llm["auc"] - item["auc"], abs=1e-12)
+
+
 def test_finetune_and_evaluate_from_checkpoints(run):
   cfg, workdir, _ = run
   status = pipeline.run(cfg, workdir, stages=STAGES + ["finetune", "evaluate"])
@@ -86,7 +104,10 @@ def test_finetune_and_evaluate_from_checkpoints(run):
   test = json.loads((workdir / "eval" / "test.json").read_text())
   assert test["n"] == cfg.eval.max_samples and 0 <= test["auc"] <= 1
   table = pipeline.results_table(workdir).splitlines()
-  assert table[0].startswith("split") and table[1].startswith(f"test   {test['auc']:.4f}")
+  assert table[0].startswith("split") and table[1].split()[:2] == ["test", f"{test['auc']:.4f}"]
+  assert [line.split(":")[0] for line in table[2:6]] == ["  baseline"] * 4
+  assert table[6].startswith("valid")
+  check_baselines(workdir)
   assert all("mfu" in x and x["mfu"] > 0 for x in lines)
   predictions = np.load(workdir / "eval" / "test_predictions.npz")
   assert predictions["score"].shape == (test["n"],)
@@ -102,6 +123,7 @@ def test_finetune_and_evaluate_from_checkpoints(run):
   assert n_test > 2 * zero.eval.max_samples and spread[-1] > n_test // 2
   np.testing.assert_array_equal(
       spread, evaluate.capped_rows(n_test, zero.eval.max_samples, "spread"))
+  check_baselines(workdir)
 
 
 def test_preempted_finetune_resumes_to_the_same_run(run, tmp_path, monkeypatch):

@@ -1,0 +1,138 @@
+"""Non-LLM baselines scored on the rows the LLM is evaluated on, fitted on the train split only.
+
+  item_like_rate       the target item's like-rate over the train samples, smoothed towards the
+                       global train like-rate: (likes + PRIOR * rate) / (count + PRIOR).
+  user_like_rate       the share of the sample's retrieved history items (the K items of its
+                       prompt, `retrieval/{split}.npz`) that the user liked (rating above the
+                       dataset's label threshold); the global train like-rate when it has none.
+  user_mean_rating     the mean rating of those items; the global train mean rating when none.
+                       Not a probability: only its AUC is reported (log loss and accuracy None).
+  logistic_regression  the three features above, standardised, into a logistic regression
+                       fitted on at most FIT_SAMPLES train samples (a seeded random subset).
+
+The history features count every retrieved item, including any a prompt dropped to fit
+finetune.max_length. The regression's training rows use leave-one-out item like-rates (their
+own label taken out of their item's counts), so the coefficient of the item feature is not
+inflated by seeing each row's answer; the scored rows use the full train counts. Nothing is
+read from the validation or test labels.
+"""
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from rallrec_jax import atomic
+from rallrec_jax.eval import bootstrap, metrics
+from rallrec_jax.prompts import render
+
+PRIOR = 10.0        # pseudo-samples at the global like-rate added to every item's train counts
+FIT_SAMPLES = 4000  # train samples the logistic regression is fitted on (fast, and plenty for 3)
+SEED = 0            # chooses those samples and seeds the bootstrap
+RESAMPLES = 1000    # bootstrap resamples of the AUC and AUC-difference CIs
+TITLES = {"item_like_rate": "item like-rate", "user_like_rate": "user like-rate",
+          "user_mean_rating": "user mean rating", "logistic_regression": "logistic regression"}
+PROBABILITIES = ("item_like_rate", "user_like_rate", "logistic_regression")
+SUFFIX = "_baselines"  # eval/{split}_baselines.json
+
+
+@dataclasses.dataclass
+class Fitted:
+  """What the baselines learned from the train split."""
+  item_likes: np.ndarray   # [num_items] liked train samples of each target item
+  item_count: np.ndarray   # [num_items] train samples of each target item
+  like_rate: float         # share of liked train samples
+  mean_rating: float       # mean rating of the train samples
+  threshold: float         # rating above which an item is liked
+  model: object            # sklearn pipeline: StandardScaler, LogisticRegression
+
+  def item_rate(self, items):
+    """Smoothed train like-rate of each item."""
+    return ((self.item_likes[items] + PRIOR * self.like_rate)
+            / (self.item_count[items] + PRIOR))
+
+
+def _take(result, samples):
+  """The rows of a `retrieve` result holding the given sample indices, in their order."""
+  row_of = {int(s): r for r, s in enumerate(result["sample"])}
+  missing = [int(s) for s in samples if int(s) not in row_of]
+  if missing:
+    raise ValueError(f"the retrieval result has no row for samples {missing[:10]}")
+  rows = np.array([row_of[int(s)] for s in samples], np.int64)
+  return {key: value[rows] for key, value in result.items()}
+
+
+def _history_features(dataset, split, result, like_rate, mean_rating, threshold):
+  """(user_like_rate, user_mean_rating) [N] of each row of a `retrieve` result."""
+  ratings = render.history_ratings(dataset, split, result)
+  shown = ~np.isnan(ratings)
+  count = shown.sum(axis=1)
+  liked = (shown & (np.nan_to_num(ratings) > threshold)).sum(axis=1)
+  total = np.where(shown, ratings, 0.0).sum(axis=1)
+  some = count > 0
+  safe = np.maximum(count, 1)
+  return (np.where(some, liked / safe, like_rate), np.where(some, total / safe, mean_rating))
+
+
+def fit(dataset, train_result, fit_samples=FIT_SAMPLES, seed=SEED):
+  """Fitted baselines from the train split's samples and its retrieval result."""
+  train = dataset.splits["train"]
+  label = train.label.astype(np.float64)
+  like_rate, mean_rating = float(label.mean()), float(train.rating.mean())
+  threshold = float(dataset.meta["label_threshold"])
+  likes = np.bincount(train.target, weights=label, minlength=dataset.num_items)
+  count = np.bincount(train.target, minlength=dataset.num_items).astype(np.float64)
+  chosen = np.sort(np.random.default_rng(seed).permutation(len(train))[:fit_samples])
+  rows = _take(train_result, chosen)
+  target, y = train.target[chosen], label[chosen]
+  item = (likes[target] - y + PRIOR * like_rate) / (count[target] - 1 + PRIOR)
+  user = _history_features(dataset, "train", rows, like_rate, mean_rating, threshold)
+  model = make_pipeline(StandardScaler(), LogisticRegression())
+  model.fit(np.stack([item, *user], axis=1), y.astype(np.int64))
+  return Fitted(likes, count, like_rate, mean_rating, threshold, model)
+
+
+def scores(fitted, dataset, split, result, samples):
+  """{baseline name: [N] float64 scores} of the given sample indices of `split`."""
+  rows = _take(result, np.asarray(samples, np.int64))
+  item = fitted.item_rate(dataset.splits[split].target[rows["sample"]])
+  user_rate, user_mean = _history_features(dataset, split, rows, fitted.like_rate,
+                                          fitted.mean_rating, fitted.threshold)
+  features = np.stack([item, user_rate, user_mean], axis=1)
+  return {"item_like_rate": item, "user_like_rate": user_rate, "user_mean_rating": user_mean,
+          "logistic_regression": fitted.model.predict_proba(features)[:, 1]}
+
+
+def compare(labels, llm_scores, baseline_scores, resamples=RESAMPLES, seed=SEED):
+  """{name: metrics of the baseline, its AUC CI, and AUC(LLM) - AUC(baseline) with a paired CI}.
+
+  Metrics are `metrics.all_metrics` (log loss and accuracy None for scores that are not
+  probabilities); CIs are 95% percentile intervals over bootstrap resamples shared by the LLM
+  and every baseline.
+  """
+  names = list(baseline_scores)
+  stacked = np.stack([llm_scores] + [baseline_scores[n] for n in names])
+  aucs = bootstrap.resample_aucs(labels, stacked, resamples, seed)
+  llm_auc = metrics.auc(labels, llm_scores)
+  out = {}
+  for i, name in enumerate(names, start=1):
+    entry = (metrics.all_metrics(labels, stacked[i]) if name in PROBABILITIES else
+             {"auc": metrics.auc(labels, stacked[i]), "logloss": None, "acc": None,
+              "n": len(labels)})
+    out[name] = {**entry, "auc_ci": list(bootstrap.percentile_ci(aucs[i])),
+                 "auc_diff": llm_auc - entry["auc"],
+                 "auc_diff_ci": list(bootstrap.percentile_ci(aucs[0] - aucs[i]))}
+  return out
+
+
+def path(folder, split):
+  """eval/{split}_baselines.json under `folder`."""
+  return Path(folder) / "eval" / f"{split}{SUFFIX}.json"
+
+
+def write(folder, split, table):
+  """Write `compare`'s table to eval/{split}_baselines.json under `folder` atomically."""
+  atomic.write_text(path(folder, split), json.dumps(table, indent=2) + "\n")

@@ -1,0 +1,148 @@
+"""Non-LLM baselines: scores against loop recomputations, no leakage, the comparison table."""
+import copy
+import json
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss, roc_auc_score
+
+from rallrec_jax import config as config_lib
+from rallrec_jax import data
+from rallrec_jax.eval import baselines
+
+K = 6
+FIT = 300
+
+
+@pytest.fixture(scope="module")
+def dataset():
+  c = config_lib.base_config().data
+  c.synthetic.num_users, c.synthetic.num_items, c.synthetic.num_ratings = 60, 80, 2400
+  return data.prepare(c)
+
+
+def random_retrieval(ds, split, seed):
+  """Up to K history items of each sample at random positions of its history, in random order,
+  -1 padded; the first sample gets none."""
+  rng = np.random.default_rng(seed)
+  samples = ds.splits[split]
+  start, end = ds.history_bounds(samples)
+  history = np.full((len(samples), K), -1, np.int32)
+  for i in range(1, len(samples)):
+    picked = rng.permutation(np.arange(start[i], end[i]))[:rng.integers(1, K + 1)]
+    history[i, :len(picked)] = ds.timelines.item[picked]
+  return {"sample": np.arange(len(samples)), "user": samples.user, "target": samples.target,
+          "history": history}
+
+
+def loop_item_rates(ds, items):
+  train = ds.splits["train"]
+  likes, count = {}, {}
+  for target, label in zip(train.target.tolist(), train.label.tolist()):
+    likes[target] = likes.get(target, 0) + label
+    count[target] = count.get(target, 0) + 1
+  rate = sum(train.label.tolist()) / len(train)
+  return [(likes.get(i, 0) + baselines.PRIOR * rate) / (count.get(i, 0) + baselines.PRIOR)
+          for i in items]
+
+
+def loop_history(ds, split, result, rows):
+  """(like-rate, mean rating) of each row's history items, each item's rating its user's latest
+  rating of it before the sample, looked up by scanning the timeline."""
+  train, samples, t = ds.splits["train"], ds.splits[split], ds.timelines
+  threshold = ds.meta["label_threshold"]
+  out = []
+  for r in rows:
+    i = result["sample"][r]
+    first = t.offsets[samples.user[i]]
+    ratings = []
+    for item in result["history"][r].tolist():
+      if item < 0:
+        continue
+      latest = [row for row in range(first, first + samples.pos[i]) if t.item[row] == item][-1]
+      ratings.append(float(t.rating[latest]))
+    if ratings:
+      out.append((sum(x > threshold for x in ratings) / len(ratings), sum(ratings) / len(ratings)))
+    else:
+      out.append((float(train.label.mean()), float(train.rating.mean())))
+  return np.array(out)
+
+
+def test_scores_match_loop_recomputation(dataset):
+  train_result = random_retrieval(dataset, "train", seed=0)
+  fitted = baselines.fit(dataset, train_result, fit_samples=FIT, seed=3)
+  result = random_retrieval(dataset, "test", seed=1)
+  samples = np.array([5, 0, 17, 2, len(result["sample"]) - 1])
+  got = baselines.scores(fitted, dataset, "test", result, samples)
+  targets = dataset.splits["test"].target[samples]
+  np.testing.assert_allclose(got["item_like_rate"], loop_item_rates(dataset, targets), rtol=1e-12)
+  expected = loop_history(dataset, "test", result, samples)
+  np.testing.assert_allclose(got["user_like_rate"], expected[:, 0], rtol=1e-12)
+  np.testing.assert_allclose(got["user_mean_rating"], expected[:, 1], rtol=1e-12)
+  assert got["user_like_rate"][1] == pytest.approx(dataset.splits["train"].label.mean())
+
+  # The regression: fitted here on features recomputed by loops, leave-one-out item rates.
+  train = dataset.splits["train"]
+  chosen = np.sort(np.random.default_rng(3).permutation(len(train))[:FIT])
+  rate = train.label.mean()
+  loo = []
+  for i in chosen:
+    same = [j for j in range(len(train)) if train.target[j] == train.target[i] and j != i]
+    loo.append((train.label[same].sum() + baselines.PRIOR * rate) / (len(same) + baselines.PRIOR))
+  x = np.column_stack([loo, loop_history(dataset, "train", train_result, chosen)])
+  mean, sd = x.mean(0), x.std(0)
+  model = LogisticRegression().fit((x - mean) / sd, train.label[chosen])
+  z = np.column_stack([got["item_like_rate"], got["user_like_rate"], got["user_mean_rating"]])
+  np.testing.assert_allclose(got["logistic_regression"],
+                             model.predict_proba((z - mean) / sd)[:, 1], rtol=1e-6)
+
+
+def test_fit_reads_no_validation_or_test_label(dataset):
+  train_result = random_retrieval(dataset, "train", seed=0)
+  before = baselines.fit(dataset, train_result)
+  changed = copy.deepcopy(dataset)
+  t = changed.timelines
+  for split in ("valid", "test"):
+    s = changed.splits[split]
+    s.label[:] = 1 - s.label
+    s.rating[:] = 6.0 - s.rating
+    t.rating[t.offsets[s.user] + s.pos] = s.rating
+  after = baselines.fit(changed, train_result)
+  for name in ("item_likes", "item_count"):
+    np.testing.assert_array_equal(getattr(before, name), getattr(after, name))
+  assert (before.like_rate, before.mean_rating) == (after.like_rate, after.mean_rating)
+  for step in (0, 1):
+    for name, value in vars(before.model[step]).items():
+      if isinstance(value, np.ndarray):
+        np.testing.assert_array_equal(value, getattr(after.model[step], name), err_msg=name)
+  assert before.model[1].coef_.any()
+  # The test scores see the changed test ratings of earlier test targets, never their labels.
+  result = random_retrieval(changed, "test", seed=1)
+  rows = np.arange(len(result["sample"]))
+  np.testing.assert_array_equal(baselines.scores(before, dataset, "test", result, rows)[
+      "item_like_rate"], baselines.scores(after, changed, "test", result, rows)["item_like_rate"])
+
+
+def test_compare_metrics_and_paired_differences(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, 400)
+  llm = 1 / (1 + np.exp(-(labels - 0.5 + rng.normal(0, 1, 400))))
+  found = {"item_like_rate": rng.random(400), "user_mean_rating": 1 + 4 * rng.random(400),
+           "logistic_regression": llm}
+  table = baselines.compare(labels, llm, found, resamples=200)
+  for name, scores in found.items():
+    entry = table[name]
+    assert entry["n"] == 400
+    assert entry["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert entry["auc_diff"] == pytest.approx(roc_auc_score(labels, llm)
+                                              - roc_auc_score(labels, scores), abs=1e-12)
+    assert entry["auc_ci"][0] <= entry["auc"] <= entry["auc_ci"][1]
+    assert entry["auc_diff_ci"][0] <= entry["auc_diff"] <= entry["auc_diff_ci"][1]
+  assert table["item_like_rate"]["logloss"] == pytest.approx(
+      log_loss(labels, found["item_like_rate"]), abs=1e-9)
+  assert table["user_mean_rating"]["logloss"] is None and table["user_mean_rating"]["acc"] is None
+  assert table["logistic_regression"]["auc_diff_ci"] == [0.0, 0.0]
+  assert table["item_like_rate"]["auc_diff_ci"][0] > 0  # random scores: the LLM is better
+  baselines.write(tmp_path, "test", table)
+  assert json.loads((tmp_path / "eval" / "test_baselines.json").read_text()) == table
