@@ -103,7 +103,7 @@ def base_config():
       grad_accum=32, lr=5e-4, weight_decay=0.0, warmup=0, epochs=20, eval_every=0,
       eval_samples=1000, eval_rows="first", patience=5, seed=42, method="lora", loss="answer",
       lora=ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.05,
-                                          targets=("q_proj", "v_proj")))))
+                                          targets=("q_proj", "v_proj"), layers=0))))
   # Rows scored when a split is capped (finetune.eval_rows for model selection, eval.rows for
   # evaluation): "first" (the paper's protocol; the first rows of a chronological split come
   # from a few users) or "spread" (evenly spaced over the whole split).
@@ -283,6 +283,8 @@ def validate(cfg):
   _check(isinstance(lo.rank, int) and lo.rank > 0, "finetune.lora.rank",
          f"must be a positive integer, got {lo.rank!r}")
   _check(lo.alpha > 0, "finetune.lora.alpha", f"must be > 0, got {lo.alpha!r}")
+  _check(isinstance(lo.layers, int) and lo.layers >= 0, "finetune.lora.layers",
+         f"must be a non-negative integer (0: every layer), got {lo.layers!r}")
   _check(0.0 <= lo.dropout < 1.0, "finetune.lora.dropout",
          f"must lie in [0, 1), got {lo.dropout!r}")
   for key in ("eval.rows", "finetune.eval_rows"):

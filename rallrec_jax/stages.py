@@ -254,7 +254,8 @@ def _lora_config(cfg):
   if cfg.finetune.method == "full":
     return None
   f = cfg.finetune.lora
-  return lora.LoraConfig(rank=f.rank, alpha=f.alpha, dropout=f.dropout, targets=tuple(f.targets))
+  return lora.LoraConfig(rank=f.rank, alpha=f.alpha, dropout=f.dropout, targets=tuple(f.targets),
+                         layers=f.layers)
 
 
 def _scoring_weights(lm, lora_cfg, weights):

@@ -93,6 +93,15 @@ def test_overrides_set_leaves_and_reject_unknown_keys():
     ("describe.top_p", 0.0, "describe.top_p"),
     ("align.temperature", 0.0, "align.temperature"),
     ("align.heldout", 1.0, "align.heldout"),
+    ("finetune.loss", "mse", "finetune.loss: 'mse' is not one of"),
+    ("finetune.method", "prefix", "finetune.method: 'prefix' is not one of"),
+    ("finetune.warmup", -1, "finetune.warmup: must be a non-negative integer"),
+    ("finetune.lora.targets", ("q_proj", "wq"), "finetune.lora.targets: .*a non-empty set"),
+    ("finetune.lora.targets", (), "finetune.lora.targets"),
+    ("finetune.lora.rank", 0, "finetune.lora.rank: must be a positive integer"),
+    ("finetune.lora.alpha", 0.0, "finetune.lora.alpha: must be > 0"),
+    ("finetune.lora.dropout", 1.0, "finetune.lora.dropout: must lie in"),
+    ("finetune.lora.layers", -2, "finetune.lora.layers: must be a non-negative integer"),
 ])
 def test_invalid_values_name_the_key(key, value, message):
   cfg = config_lib.apply_overrides(config_lib.base_config(), {key: value})

@@ -108,6 +108,27 @@ def test_execution_keys_neither_rerun_nor_restart(tmp_path, folder, monkeypatch)
   assert pipeline.run(cfg, workdir, stages=["count"]) == {"count": "ran"}
 
 
+def test_a_manifest_from_before_a_key_reads_as_what_the_code_did_then(tmp_path, folder,
+                                                                      monkeypatch):
+  """finetune.loss joined the config with default 'answer'; older fine-tunes used 'lm'."""
+  assert config_lib.VALUES_BEFORE_KEY["finetune.loss"] == "lm"
+  monkeypatch.setattr(pipeline, "STAGES", dict(pipeline.STAGES))
+  pipeline.register(pipeline.Stage(
+      name="tune", help="writes tune.txt", run=lambda cfg, w: (w / "tune.txt").write_text("1"),
+      config_keys=("finetune",), deps=("prepare",), outputs=("tune.txt",)))
+  workdir = tmp_path / "w"
+  cfg = ml1m_config(folder)
+  cfg.finetune.loss = "lm"
+  assert pipeline.run(cfg, workdir, stages=["prepare", "tune"])["tune"] == "ran"
+  path = workdir / "manifests" / "tune.json"
+  manifest = json.loads(path.read_text())
+  del manifest["config"]["finetune"]["loss"]
+  path.write_text(json.dumps(manifest))
+  assert pipeline.run(cfg, workdir, stages=["tune"]) == {"tune": "skipped"}
+  cfg.finetune.loss = "answer"
+  assert pipeline.run(cfg, workdir, stages=["tune"]) == {"tune": "ran"}
+
+
 def _cli(*args):
   return subprocess.run([sys.executable, "-m", "rallrec_jax.main", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=120)

@@ -43,11 +43,14 @@ class LoraConfig:
   alpha: float = 16.0
   dropout: float = 0.05
   targets: tuple = ("q_proj", "v_proj")
+  layers: int = 0  # adapt only the last `layers` decoder layers (0: all of them)
 
   def __post_init__(self):
     object.__setattr__(self, "targets", tuple(self.targets))
     if not isinstance(self.rank, int) or self.rank <= 0:
       raise ValueError(f"LoRA rank={self.rank!r} must be a positive integer")
+    if not isinstance(self.layers, int) or self.layers < 0:
+      raise ValueError(f"LoRA layers={self.layers!r} must be a non-negative integer")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"LoRA dropout={self.dropout} must be in [0, 1)")
     unknown = [t for t in self.targets if t not in IN_NDIM]
@@ -64,11 +67,24 @@ def _path_id(path):
   return zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF
 
 
+def adapted_layer(cfg, lora_cfg, module_name):
+  """Whether decoder module `module_name` ("layers_7", "norm", ...) carries adapters."""
+  if not module_name.startswith("layers_"):
+    return False
+  first = cfg.num_layers - lora_cfg.layers if lora_cfg.layers else 0
+  return int(module_name.split("_", 1)[1]) >= first
+
+
 def specs(cfg, lora_cfg):
-  """{(*module path, "a" | "b"): (shape, logical axes)}, derived from the base kernels."""
+  """{(*module path, "a" | "b"): (shape, logical axes)}, derived from the base kernels.
+
+  With `lora_cfg.layers`, only the last that many decoder layers are adapted: gradients then
+  stop at the first adapted layer, and the layers below it cost a forward pass only.
+  """
   out = {}
   for path, leaf in traverse_util.flatten_dict(hf_io.abstract_params(cfg)).items():
-    if path[-1] != "kernel" or path[-2] not in lora_cfg.targets:
+    if (path[-1] != "kernel" or path[-2] not in lora_cfg.targets
+        or not adapted_layer(cfg, lora_cfg, path[0])):
       continue
     n, shape, names = IN_NDIM[path[-2]], leaf.value.shape, tuple(leaf.names)
     out[path[:-1] + ("a",)] = (shape[:n] + (lora_cfg.rank,), names[:n] + (None,))

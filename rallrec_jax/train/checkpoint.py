@@ -82,7 +82,8 @@ def check(meta, expect, where):
     method = "full" if record["lora"] is None else "lora"
     out = {"method": method, **{f"base {k}": v for k, v in record["base"].items()}}
     if method == "lora":
-      out.update(rank=record["lora"]["rank"], targets=tuple(record["lora"]["targets"]))
+      out.update(rank=record["lora"]["rank"], targets=tuple(record["lora"]["targets"]),
+                 layers=record["lora"].get("layers", 0))
     return out
 
   stored, wanted = fields(meta), fields(expect)

@@ -28,10 +28,19 @@ METHODS = ("lora", "full")
 
 
 def initial_weights(rng, lm, lora_cfg):
-  """Fresh adapters (LoRA) or a float32 copy of the base params (full fine-tuning)."""
+  """Fresh adapters (LoRA) or a float32 copy of the base params (full fine-tuning).
+
+  The copy is made by a jitted cast, so its buffers are new even for float32 params: the step
+  donates the state, which must never take the base params down with it.
+  """
   if lora_cfg is None:
-    return jax.tree.map(lambda x: x.astype(jnp.float32), lm.params)
+    return _float32_copy(lm.params)
   return lora.init(rng, lm.cfg, lora_cfg, lm.mesh, lm.rules)
+
+
+@jax.jit
+def _float32_copy(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
 def init_train_state(rng, weights, optimizer):
