@@ -2,7 +2,9 @@
 with the competitor measured in the same run and the ratio.
 
   python -m rallrec_jax.bench prepare [--ratings 1000000]
-  python -m rallrec_jax.bench llm [--model-dir DIR]     LoRA train step and scoring vs PyTorch
+  python -m rallrec_jax.bench llm [--model-dir DIR]     LoRA train step and scoring vs PyTorch,
+                                                        float32 and bfloat16
+  python -m rallrec_jax.bench control --workdir W       our trainer vs transformers + PEFT
   python -m rallrec_jax.bench llm-accel [--seq 1024]    ~1B decoder on an accelerator: MFU
   python -m rallrec_jax.bench lightgcn [--ml100k DIR]   LightGCN epoch time
   python -m rallrec_jax.bench index                     ScaNN vs exact search, 1M x 128
@@ -109,6 +111,32 @@ def main(argv=None):
   llm.add_argument("--model-dir", default=os.environ.get("RALLREC_SMOLLM2"),
                    help="HF folder with real weights (default $RALLREC_SMOLLM2; else random "
                         "weights of the SmolLM2-135M shape)")
+  llm.add_argument("--dtype", default="float32,bfloat16",
+                   help="comma-separated precisions, each measured on both sides")
+  llm.add_argument("--seq", type=int, default=256, help="tokens per row")
+  llm.add_argument("--batch", type=int, default=8, help="rows per batch")
+  llm.add_argument("--steps", type=int, default=5, help="timed LoRA train steps")
+  llm.add_argument("--batches", type=int, default=4, help="timed scoring batches")
+  control = sub.add_parser("control", help="per-step losses of our LoRA trainer and of "
+                                            "transformers + PEFT from the same start")
+  control.add_argument("--workdir", required=True,
+                       help="pipeline workdir with retrieve done (read only)")
+  control.add_argument("--model-dir", default=os.environ.get("RALLREC_SMOLLM2"),
+                       help="HF model folder (default $RALLREC_SMOLLM2, else the workdir's "
+                            "model.path)")
+  control.add_argument("--prompts", type=int, default=64, help="training prompts")
+  control.add_argument("--batch", type=int, default=4, help="prompts per step")
+  control.add_argument("--steps", type=int, default=None,
+                       help="optimizer steps (default: one pass over the prompts)")
+  control.add_argument("--lr", type=float, default=1e-3)
+  control.add_argument("--warmup", type=int, default=4)
+  control.add_argument("--weight-decay", type=float, default=0.01)
+  control.add_argument("--rank", type=int, default=16)
+  control.add_argument("--alpha", type=float, default=32.0)
+  control.add_argument("--targets", default="q_proj,v_proj", help="comma-separated projections")
+  control.add_argument("--eval-rows", type=int, default=64,
+                       help="validation prompts scored after training (0: none)")
+  control.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   sub.add_parser("llm-accel", add_help=False,
                  help="~1B decoder on a GPU/TPU: LoRA step and scoring MFU "
                       "(llm-accel --help for its options)")
@@ -132,8 +160,16 @@ def main(argv=None):
     _emit(bench_prepare(args.ratings))
   elif args.bench == "llm":
     from rallrec_jax.llm import bench_lora, bench_score
-    _emit(bench_lora.bench_lora_step(args.model_dir))
-    _emit(bench_score.bench_scoring(args.model_dir))
+    for dtype in args.dtype.split(","):
+      _emit(bench_lora.bench_lora_step(args.model_dir, args.seq, args.batch, args.steps, dtype))
+      _emit(bench_score.bench_scoring(args.model_dir, args.seq, args.batch, args.batches, dtype))
+  elif args.bench == "control":
+    from rallrec_jax.llm import bench_control
+    _emit(bench_control.bench_control(
+        args.workdir, args.model_dir, prompts=args.prompts, batch=args.batch, steps=args.steps,
+        lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, rank=args.rank,
+        alpha=args.alpha, targets=tuple(args.targets.split(",")), eval_rows=args.eval_rows,
+        dtype=args.dtype))
   elif args.bench == "lightgcn":
     from rallrec_jax.cf import bench_lightgcn
     _emit(bench_lightgcn.bench_lightgcn_epoch(ml100k_path=args.ml100k))

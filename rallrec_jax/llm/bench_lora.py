@@ -1,11 +1,14 @@
 """Tokens/s of one LoRA fine-tuning step on SmolLM2-135M: our jitted step against PEFT on torch.
 
 Both sides train the same model (r=8, alpha=16, dropout 0.05 on q_proj and v_proj, AdamW) on
-the same random batch with the loss on every token, in float32, in one process. Each gets
-warm-up steps first (compilation for JAX), then `steps` timed steps.
+the same random batch with the loss on every token, in one precision (float32 or bfloat16: our
+params and compute in bfloat16 with float32 adapters cast to it, against a torch bfloat16 model
+with PEFT's adapters), in one process. Each gets warm-up steps first (compilation for JAX), then
+`steps` timed steps.
 
   python -m rallrec_jax.llm.bench_lora        # RALLREC_SMOLLM2=/path/to/SmolLM2-135M optional
 """
+import dataclasses
 import json
 import os
 import time
@@ -29,14 +32,16 @@ SMOLLM2_135M = LMConfig(
 LORA = lora.LoraConfig(rank=8, alpha=16.0, dropout=0.05, targets=("q_proj", "v_proj"))
 LEARNING_RATE = 1e-4
 WARMUP = 2
+DTYPES = ("float32", "bfloat16")
 
 
-def _model(model_dir):
-  """(cfg, params): real weights from `model_dir`, else SmolLM2-135M's shape at random."""
+def _model(model_dir, dtype):
+  """(cfg, params) in `dtype`: real weights from `model_dir`, else SmolLM2-135M's shape at
+  random."""
   if model_dir:
-    lm = api.load_pretrained(model_dir, dtype="float32")
+    lm = api.load_pretrained(model_dir, dtype=dtype)
     return lm.cfg, lm.params
-  cfg = SMOLLM2_135M
+  cfg = dataclasses.replace(SMOLLM2_135M, dtype=dtype, param_dtype=dtype)
   ids = jnp.zeros((1, 1), jnp.int32)
   init = jax.jit(lambda key: nn.meta.unbox(Decoder(cfg).init(key, ids)["params"]))
   return cfg, init(jax.random.key(0))
@@ -72,10 +77,11 @@ def _torch_model(cfg, model_dir):
   import peft  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
+  dtype = getattr(torch, cfg.dtype)
   if model_dir:
-    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
   else:
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf()))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).to(dtype)
   model.config.use_cache = False
   return peft.get_peft_model(model, peft.LoraConfig(
       r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
@@ -100,9 +106,9 @@ def _torch_seconds(cfg, model_dir, ids, steps):
   return timed(run_step, steps)
 
 
-def bench_lora_step(model_dir=None, seq=256, batch=8, steps=5):
-  """One JSON-ready record: our tokens/s, PEFT's, their ratio and our MFU."""
-  cfg, params = _model(model_dir)
+def bench_lora_step(model_dir=None, seq=256, batch=8, steps=5, dtype="float32"):
+  """One JSON-ready record: our tokens/s, PEFT's in the same `dtype`, their ratio, our MFU."""
+  cfg, params = _model(model_dir, dtype)
   ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
   tokens = batch * seq * steps
   ours = tokens / _jax_seconds(cfg, params, ids, steps)
@@ -110,8 +116,8 @@ def bench_lora_step(model_dir=None, seq=256, batch=8, steps=5):
   theirs = tokens / _torch_seconds(cfg, model_dir, ids, steps)
   device = jax.devices()[0]
   return {"bench": "lora_train_step", "value": ours, "unit": "tokens/s",
-          "competitor": "transformers+peft (torch cpu)", "competitor_value": theirs,
-          "ratio": ours / theirs,
+          "competitor": f"transformers+peft (torch cpu, {dtype})", "competitor_value": theirs,
+          "ratio": ours / theirs, "dtype": dtype,
           "mfu": flops.mfu(flops.lora_train_flops_per_token(cfg, seq), ours),
           "seq": seq, "batch": batch, "steps": steps,
           "weights": "real" if model_dir else "random",
@@ -120,4 +126,5 @@ def bench_lora_step(model_dir=None, seq=256, batch=8, steps=5):
 
 
 if __name__ == "__main__":
-  print(json.dumps(bench_lora_step(os.environ.get("RALLREC_SMOLLM2"))))
+  for name in DTYPES:
+    print(json.dumps(bench_lora_step(os.environ.get("RALLREC_SMOLLM2"), dtype=name)))

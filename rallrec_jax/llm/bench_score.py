@@ -1,14 +1,16 @@
 """Scoring throughput: our jitted `p_yes` against a transformers forward on the CPU.
 
-  python -m rallrec_jax.llm.bench_score [--model-dir /models/smollm2]
+  python -m rallrec_jax.llm.bench_score [--model-dir /models/smollm2] [--dtype bfloat16]
 
 The competitor is how reference code scores yes/no prompts with transformers: a full forward,
 `model(ids, attention_mask).logits[:, -1]`, then a softmax over the yes and no logits. Both
-run on the same batches of the SmolLM2-135M shape, in float32, after a warm-up, in this
-process. Without a model folder both models get random weights (their own draws): the work,
-not the values, is measured, and any two distinct token ids stand in for the answers.
+run on the same batches of the SmolLM2-135M shape, in one precision (float32 or bfloat16, the
+torch model in the same dtype as ours), after a warm-up, in this process. Without a model
+folder both models get random weights (their own draws): the work, not the values, is measured,
+and any two distinct token ids stand in for the answers.
 """
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -28,9 +30,10 @@ SMOLLM2_135M = LMConfig(vocab_size=49152, hidden_size=576, intermediate_size=153
                         rope_theta=100000.0, tie_word_embeddings=True, model_type="llama")
 
 
-def bench_scoring(model_dir=None, seq=256, batch=8, batches=4):
-  """{"bench": "scoring", "value": prompts/s, ...} with the transformers forward as competitor."""
-  cfg, params, answers, torch_model = _models(model_dir)
+def bench_scoring(model_dir=None, seq=256, batch=8, batches=4, dtype="float32"):
+  """{"bench": "scoring", "value": prompts/s, ...} with the transformers forward in the same
+  `dtype` as competitor."""
+  cfg, params, answers, torch_model = _models(model_dir, dtype)
   data = _batches(cfg, seq, batch, batches)
   (ours, our_seconds), (theirs, their_seconds) = _time(
       (lambda ids, mask: score.p_yes(cfg, params, ids, mask, *answers),
@@ -40,8 +43,9 @@ def bench_scoring(model_dir=None, seq=256, batch=8, batches=4):
   competitor = prompts / their_seconds
   device = jax.devices()[0]
   return {"bench": "scoring", "value": round(value, 2), "unit": "prompts/s",
-          "competitor": "transformers forward, full logits (torch cpu)",
+          "competitor": f"transformers forward, full logits (torch cpu, {dtype})",
           "competitor_value": round(competitor, 2), "ratio": round(value / competitor, 2),
+          "dtype": dtype,
           "mfu": flops.mfu(flops.scoring_flops_per_token(cfg, seq), value * seq),
           "max_abs_diff": float(np.max(np.abs(ours - theirs))) if model_dir else None,
           "weights": model_dir or "random",
@@ -55,20 +59,22 @@ def _torch():
   return torch
 
 
-def _models(model_dir):
-  """(cfg, params, (yes_id, no_id), torch model): the folder's weights in both, or random."""
+def _models(model_dir, dtype):
+  """(cfg, params, (yes_id, no_id), torch model) in `dtype`: the folder's weights in both, or
+  random."""
   import transformers  # pylint: disable=import-outside-toplevel
   torch = _torch()
   torch.set_num_threads(os.cpu_count())
+  torch_dtype = getattr(torch, dtype)
   if model_dir:
-    lm = load_pretrained(model_dir)
-    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lm = load_pretrained(model_dir, dtype=dtype)
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
     return lm.cfg, lm.params, lm.yes_no_tokens(), model.eval()
-  cfg = SMOLLM2_135M
+  cfg = dataclasses.replace(SMOLLM2_135M, dtype=dtype, param_dtype=dtype)
   params = Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
   hf = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf().items()
                                    if k not in ("architectures", "model_type")})
-  model = transformers.LlamaForCausalLM(hf)
+  model = transformers.LlamaForCausalLM(hf).to(torch_dtype)
   return cfg, nn.meta.unbox(params), (cfg.vocab_size - 2, cfg.vocab_size - 1), model.eval()
 
 
@@ -101,7 +107,7 @@ def _torch_p_yes(model, ids, mask, answers):
   with torch.inference_mode():
     logits = model(torch.from_numpy(ids.astype(np.int64)),
                    attention_mask=torch.from_numpy(mask.astype(np.int64))).logits[:, -1]
-    return torch.softmax(logits[:, list(answers)], dim=-1)[:, 0].numpy()
+    return torch.softmax(logits[:, list(answers)].float(), dim=-1)[:, 0].numpy()
 
 
 def main():
@@ -110,8 +116,10 @@ def main():
   parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--batches", type=int, default=4)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   args = parser.parse_args()
-  print(json.dumps(bench_scoring(args.model_dir, args.seq, args.batch, args.batches)))
+  print(json.dumps(bench_scoring(args.model_dir, args.seq, args.batch, args.batches,
+                                 args.dtype)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,238 @@
+"""A trainer control: our LoRA step against transformers + PEFT on the same batches.
+
+Both sides start from the same model and the same adapters (ours, copied into PEFT's lora_A and
+lora_B), train on the same batches in the same order with AdamW (the same betas, eps and weight
+decay) under the same schedule (`loop.schedule`: linear warmup, then linear decay), on the same
+loss: the two-way cross-entropy of the (yes, no) logits at the last position of left-padded
+prompts, label 1 = yes. Positions are cumsum(mask) - 1 on both sides. In float32 the per-step
+losses agree to rounding, so a difference in the optimizer, the schedule, the loss, the
+positions or the adapters shows as losses that drift apart within a few steps. Adapter dropout
+must be 0: the two sides would draw different masks.
+
+  python -m rallrec_jax.bench control --workdir W [--model-dir DIR] [--steps 16]
+
+`--workdir` is a pipeline workdir with `retrieve` done: the training prompts are the first
+`--prompts` samples of the finetune stage's pool with their stored history, the held-out ones
+the first `--eval-rows` validation samples, rendered as the finetune stage renders them.
+"""
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rallrec_jax import data
+from rallrec_jax.eval import evaluate, metrics
+from rallrec_jax.llm import api, lora, tokenizer as tokenizer_lib
+from rallrec_jax.prompts import render
+from rallrec_jax.retrieval import history
+from rallrec_jax.train import batches as batches_lib, loop, sets, step as step_lib
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+  """AdamW and its schedule, spelled out so both sides get the same values."""
+  lr: float = 1e-3
+  steps: int = 16
+  warmup: int = 0
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+
+  def schedule(self):
+    return loop.schedule(self.lr, self.steps, self.warmup)
+
+
+def positions(mask):
+  """Position ids of left-padded rows, as our decoder derives them: cumsum(mask) - 1, >= 0."""
+  return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+
+
+def _cycle(batches, steps):
+  return [batches[i % len(batches)] for i in range(steps)]
+
+
+def train_ours(lm, adapters, lora_cfg, batches, opt, answer_ids):
+  """(per-step losses, trained adapters) of `step.make_train_step` with the answer loss."""
+  optimizer = optax.adamw(opt.schedule(), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                          weight_decay=opt.weight_decay)
+  train_step = step_lib.make_train_step(lm.cfg, lora_cfg, optimizer, loss="answer",
+                                        answer_ids=answer_ids)
+  state = step_lib.init_train_state(jax.random.key(0), jax.tree.map(jnp.asarray, adapters),
+                                    optimizer)
+  losses = []
+  for batch in _cycle(batches, opt.steps):
+    placed = {k: jnp.asarray(batch[k], jnp.int32) for k in ("input_ids", "attention_mask",
+                                                             "label")}
+    placed["loss_mask"] = jnp.zeros_like(placed["input_ids"])
+    state, out = train_step(state, lm.params, placed)
+    losses.append(float(out["loss"]))
+  return losses, state["weights"]
+
+
+def p_yes_ours(lm, adapters, lora_cfg, batches, answer_ids):
+  """P(yes) of every row of `batches` with our model and adapters."""
+  yes, no = (np.int32(i) for i in answer_ids)
+  out = [evaluate.lora_yes_no_logits(lm.cfg, lm.params, adapters, lora_cfg,
+                                     jnp.asarray(b["input_ids"], jnp.int32),
+                                     jnp.asarray(b["attention_mask"], jnp.int32), yes, no)
+         for b in batches]
+  return evaluate.sigmoid(evaluate.logit_gap(np.concatenate([np.asarray(o) for o in out])))
+
+
+def peft_model(model_dir, adapters, lora_cfg, dtype="float32"):
+  """The folder's transformers model with PEFT LoRA on our targets, set to our `adapters`."""
+  import peft  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  if lora_cfg.dropout:
+    raise ValueError("the control needs LoRA dropout 0: the two sides would draw other masks")
+  model = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
+                                                            dtype=getattr(torch, dtype))
+  model.config.use_cache = False
+  layers = None
+  if lora_cfg.layers:
+    layers = list(range(model.config.num_hidden_layers - lora_cfg.layers,
+                        model.config.num_hidden_layers))
+  model = peft.get_peft_model(model, peft.LoraConfig(
+      r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=0.0,
+      target_modules=list(lora_cfg.targets), layers_to_transform=layers))
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if ".lora_" not in name:
+        continue
+      # "...layers.3.self_attn.q_proj.lora_A.default.weight": the path of our pair.
+      layer, parent, proj = name.split(".layers.")[1].split(".")[:3]
+      pair = adapters[f"layers_{layer}"][parent][proj]
+      # PEFT: lora_A.weight [r, in], lora_B.weight [out, r]; ours [*in, r] and [r, *out].
+      ours = (np.reshape(pair["a"], (-1, lora_cfg.rank)).T if ".lora_A." in name
+              else np.reshape(pair["b"], (lora_cfg.rank, -1)).T)
+      if tuple(ours.shape) != tuple(p.shape):
+        raise ValueError(f"{name}: PEFT shape {tuple(p.shape)}, ours {ours.shape}")
+      p.copy_(torch.from_numpy(np.ascontiguousarray(ours)))
+  return model
+
+
+def _answer_logits(model, batch, answer_ids):
+  """logits[:, -1, [yes, no]] of a left-padded batch, as float32."""
+  import torch  # pylint: disable=import-outside-toplevel
+  mask = np.asarray(batch["attention_mask"], np.int64)
+  out = model(input_ids=torch.from_numpy(np.asarray(batch["input_ids"], np.int64)),
+              attention_mask=torch.from_numpy(mask),
+              position_ids=torch.from_numpy(positions(mask)), logits_to_keep=1)
+  return out.logits[:, -1, list(answer_ids)].float()
+
+
+def train_theirs(model, batches, opt, answer_ids):
+  """Per-step losses of `model` (from `peft_model`) trained by torch AdamW under LambdaLR."""
+  import torch  # pylint: disable=import-outside-toplevel
+  model.train()
+  schedule = opt.schedule()
+  # A base lr of 1 makes the scheduled value the lr itself (also in the decay lr * wd).
+  optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.0,
+                                betas=(opt.b1, opt.b2), eps=opt.eps,
+                                weight_decay=opt.weight_decay)
+  scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: float(schedule(k)))
+  losses = []
+  for batch in _cycle(batches, opt.steps):
+    target = torch.from_numpy(1 - np.asarray(batch["label"], np.int64))
+    loss = torch.nn.functional.cross_entropy(_answer_logits(model, batch, answer_ids), target)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    losses.append(float(loss.detach()))
+  return losses
+
+
+def p_yes_theirs(model, batches, answer_ids):
+  """P(yes) of every row of `batches` with the transformers model."""
+  import torch  # pylint: disable=import-outside-toplevel
+  model.eval()
+  with torch.no_grad():
+    logits = torch.cat([_answer_logits(model, b, answer_ids) for b in batches]).numpy()
+  return evaluate.sigmoid(evaluate.logit_gap(logits))
+
+
+def control(model_dir, batches, lora_cfg, opt, eval_batches=(), dtype="float32",
+            answer_ids=None, seed=0):
+  """Train both sides from the same adapters; their per-step losses and held-out P(yes).
+
+  `batches` are dicts of left-padded int [B, T] "input_ids", "attention_mask" and [B] "label",
+  used in order (cycled when `opt.steps` is longer); `eval_batches` the same, scored after
+  training. `answer_ids` default to the folder tokenizer's (yes, no) tokens.
+  """
+  lm = api.load_pretrained(model_dir, dtype=dtype)
+  answer_ids = tuple(int(i) for i in (answer_ids or lm.yes_no_tokens()))
+  adapters = jax.device_get(lora.init(jax.random.key(seed), lm.cfg, lora_cfg))
+  model = peft_model(model_dir, adapters, lora_cfg, dtype)
+  ours, trained = train_ours(lm, adapters, lora_cfg, batches, opt, answer_ids)
+  theirs = train_theirs(model, batches, opt, answer_ids)
+  out = {"ours_loss": ours, "theirs_loss": theirs, "answer_ids": answer_ids}
+  if eval_batches:
+    labels = np.concatenate([b["label"] for b in eval_batches])
+    p_ours = p_yes_ours(lm, trained, lora_cfg, eval_batches, answer_ids)
+    p_theirs = p_yes_theirs(model, eval_batches, answer_ids)
+    out.update(ours_p_yes=p_ours, theirs_p_yes=p_theirs,
+               ours_auc=metrics.auc(labels, p_ours), theirs_auc=metrics.auc(labels, p_theirs),
+               max_p_yes_diff=float(np.max(np.abs(p_ours - p_theirs))))
+  return out
+
+
+def _prompts(dataset, tokenizer, workdir, split, samples, cfg):
+  """Prompt-only examples of `samples` (indices in `split`) with their stored history."""
+  result = history.load(Path(workdir) / "retrieval" / f"{split}.npz")
+  row_of = {int(s): r for r, s in enumerate(result["sample"])}
+  rows = np.array([row_of[int(s)] for s in samples], np.int64)
+  return render.build_examples(dataset, {k: v[rows] for k, v in result.items()}, tokenizer,
+                               split=split, labels=False, max_length=cfg["finetune"]["max_length"],
+                               order=cfg["retrieval"]["order"])
+
+
+def _workdir_config(workdir):
+  return json.loads((Path(workdir) / "config.json").read_text())
+
+
+def workdir_batches(workdir, tokenizer, prompts, batch, eval_rows):
+  """(train batches, held-out batches) of left-padded prompts from a workdir's retrieval."""
+  cfg = _workdir_config(workdir)
+  dataset = data.load_dataset(workdir)
+  f = cfg["finetune"]
+  pool = sets.pool(len(dataset.splits["train"]), f["pool_size"], f["seed"])[:prompts]
+  held = evaluate.capped_rows(len(dataset.splits["valid"]), eval_rows, f["eval_rows"])
+  pad = tokenizer.pad_token_id or 0
+  out = []
+  for split, samples in (("train", pool), ("valid", held)):
+    examples = _prompts(dataset, tokenizer, workdir, split, samples, cfg)
+    out.append([batches_lib.pad_batch(examples, range(i, min(i + batch, len(samples))), pad)
+                for i in range(0, len(samples), batch)])
+  return tuple(out)
+
+
+def bench_control(workdir, model_dir, *, prompts=64, batch=4, steps=None, lr=1e-3, warmup=4,
+                  weight_decay=0.01, rank=16, alpha=32.0, targets=("q_proj", "v_proj"),
+                  eval_rows=64, dtype="float32"):
+  """JSON-ready rows: one per step (both losses) and a summary (AUCs, largest differences)."""
+  model_dir = model_dir or _workdir_config(workdir)["model"]["path"]
+  if not model_dir:
+    raise ValueError("the control needs a Hugging Face model folder (--model-dir)")
+  train, held = workdir_batches(workdir, tokenizer_lib.load(model_dir), prompts, batch,
+                                eval_rows)
+  opt = Optim(lr=lr, steps=steps or len(train), warmup=warmup, weight_decay=weight_decay)
+  lora_cfg = lora.LoraConfig(rank=rank, alpha=alpha, dropout=0.0, targets=tuple(targets))
+  out = control(model_dir, train, lora_cfg, opt, held if eval_rows else (), dtype)
+  rows = [{"bench": "control", "step": i + 1, "ours_loss": a, "theirs_loss": b,
+           "abs_diff": abs(a - b)} for i, (a, b) in enumerate(zip(out["ours_loss"],
+                                                                 out["theirs_loss"]))]
+  summary = {"bench": "control_summary", "dtype": dtype, "model": str(model_dir),
+             "prompts": prompts, "batch": batch, "steps": opt.steps, "lr": lr, "warmup": warmup,
+             "weight_decay": weight_decay, "rank": rank, "alpha": alpha, "targets": list(targets),
+             "max_loss_diff": max(r["abs_diff"] for r in rows),
+             "max_rel_loss_diff": max(r["abs_diff"] / abs(r["theirs_loss"]) for r in rows)}
+  if eval_rows:
+    summary.update({k: out[k] for k in ("ours_auc", "theirs_auc", "max_p_yes_diff")},
+                   eval_rows=len(out["ours_p_yes"]))
+  return rows + [summary]
