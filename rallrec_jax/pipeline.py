@@ -141,9 +141,9 @@ register(Stage(
 
 register(Stage(
     name="finetune",
-    help="LoRA instruction tuning on prompts of the finetune.variant training set, early "
-         "stopping on validation AUC, resumable: writes checkpoints/, metrics.jsonl, "
-         "finetune.json",
+    help="instruction tuning (finetune.method lora or full, finetune.loss answer or lm) on "
+         "prompts of the finetune.variant training set, early stopping on validation AUC, "
+         "resumable: writes checkpoints/, metrics.jsonl, finetune.json",
     run=stages.finetune, config_keys=("finetune", "model", "retrieval"),
     deps=("prepare", "mix", "retrieve"), outputs=("finetune.json",),
     external_inputs=stages.model_files, distributed=True))
