@@ -21,29 +21,17 @@ def get_config(arg=None):
   c.describe.batch_size = 32
   # A random decoder's descriptions are noise: its text vectors embed the plain template (title
   # and genre, whose words carry the clusters) instead.
-  c.embed.source = "template"
-  c.embed.pca_dim = 32
-  c.cf.dim = 32
-  c.cf.lr = 1e-2
-  c.cf.epochs = 100
+  c.embed.update(dict(source="template", pca_dim=32))
+  c.cf.update(dict(dim=32, lr=1e-2, epochs=100))
   c.align.epochs = 50
   c.align.batch_size = 64
   c.index.neighbors = 10
   c.index.recommend_n = 10
   c.retrieval.k = 10
   # A random decoder learns nothing with LoRA alone: train every weight on the whole train split.
-  c.finetune.method = "full"
-  c.finetune.loss = "answer"
-  c.finetune.pool_size = 8192
-  c.finetune.batch_size = 64
-  c.finetune.grad_accum = 1
-  c.finetune.lr = 3e-3
-  c.finetune.warmup = 20
-  c.finetune.epochs = 4
-  c.finetune.eval_samples = 300
-  c.finetune.eval_rows = "spread"
-  c.finetune.max_length = 512
-  c.finetune.patience = 0
+  c.finetune.update(dict(
+      method="full", loss="answer", pool_size=8192, batch_size=64, grad_accum=1, lr=3e-3,
+      warmup=20, epochs=4, eval_samples=300, eval_rows="spread", max_length=512, patience=0))
   c.eval.splits = ("valid", "test")
   c.eval.max_samples = 500
   c.eval.rows = "spread"

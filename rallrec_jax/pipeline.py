@@ -267,10 +267,10 @@ def _stored_config(stored, expected):
     if key not in stored:
       stored[key] = default
     elif isinstance(default, dict) and isinstance(stored[key], dict):
-      legacy = {leaf.split(".", 1)[1]: value
+      before = {leaf[len(key) + 1:]: value
                 for leaf, value in config_lib.VALUES_BEFORE_KEY.items()
-                if leaf.split(".", 1)[0] == key and leaf.split(".", 1)[1] not in stored[key]}
-      stored[key] = {**default, **legacy, **stored[key]}
+                if leaf.startswith(key + ".")}
+      stored[key] = {**default, **before, **stored[key]}
   return stored
 
 

@@ -274,10 +274,7 @@ def _examples(dataset, tokenizer, split, results, pairs, *, labels, max_length):
   out = {"input_ids": [None] * len(pairs), "loss_mask": [None] * len(pairs),
          "label": np.zeros(len(pairs), np.int8), "sample": np.zeros(len(pairs), np.int64)}
   for order, items in by_order.items():
-    result = results[order]
-    row_of = {int(s): r for r, s in enumerate(result["sample"])}
-    rows = np.array([row_of[s] for _, s in items], np.int64)
-    subset = {k: v[rows] for k, v in result.items()}
+    subset = history.take(results[order], [s for _, s in items])
     built = render.build_examples(dataset, subset, tokenizer, split=split, labels=labels,
                                   max_length=max_length, order=order)
     for j, (position, _) in enumerate(items):

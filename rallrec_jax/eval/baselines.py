@@ -28,6 +28,7 @@ from sklearn.preprocessing import StandardScaler
 from rallrec_jax import atomic
 from rallrec_jax.eval import bootstrap, metrics
 from rallrec_jax.prompts import render
+from rallrec_jax.retrieval import history
 
 PRIOR = 10.0        # pseudo-samples at the global like-rate added to every item's train counts
 FIT_SAMPLES = 4000  # train samples the logistic regression is fitted on (fast, and plenty for 3)
@@ -55,16 +56,6 @@ class Fitted:
             / (self.item_count[items] + PRIOR))
 
 
-def _take(result, samples):
-  """The rows of a `retrieve` result holding the given sample indices, in their order."""
-  row_of = {int(s): r for r, s in enumerate(result["sample"])}
-  missing = [int(s) for s in samples if int(s) not in row_of]
-  if missing:
-    raise ValueError(f"the retrieval result has no row for samples {missing[:10]}")
-  rows = np.array([row_of[int(s)] for s in samples], np.int64)
-  return {key: value[rows] for key, value in result.items()}
-
-
 def _history_features(dataset, split, result, like_rate, mean_rating, threshold):
   """(user_like_rate, user_mean_rating) [N] of each row of a `retrieve` result."""
   ratings = render.history_ratings(dataset, split, result)
@@ -86,7 +77,7 @@ def fit(dataset, train_result, fit_samples=FIT_SAMPLES, seed=SEED):
   likes = np.bincount(train.target, weights=label, minlength=dataset.num_items)
   count = np.bincount(train.target, minlength=dataset.num_items).astype(np.float64)
   chosen = np.sort(np.random.default_rng(seed).permutation(len(train))[:fit_samples])
-  rows = _take(train_result, chosen)
+  rows = history.take(train_result, chosen)
   target, y = train.target[chosen], label[chosen]
   item = (likes[target] - y + PRIOR * like_rate) / (count[target] - 1 + PRIOR)
   user = _history_features(dataset, "train", rows, like_rate, mean_rating, threshold)
@@ -97,7 +88,7 @@ def fit(dataset, train_result, fit_samples=FIT_SAMPLES, seed=SEED):
 
 def scores(fitted, dataset, split, result, samples):
   """{baseline name: [N] float64 scores} of the given sample indices of `split`."""
-  rows = _take(result, np.asarray(samples, np.int64))
+  rows = history.take(result, np.asarray(samples, np.int64))
   item = fitted.item_rate(dataset.splits[split].target[rows["sample"]])
   user_rate, user_mean = _history_features(dataset, split, rows, fitted.like_rate,
                                           fitted.mean_rating, fitted.threshold)

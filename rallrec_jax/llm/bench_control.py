@@ -184,10 +184,8 @@ def control(model_dir, batches, lora_cfg, opt, eval_batches=(), dtype="float32",
 
 def _prompts(dataset, tokenizer, workdir, split, samples, cfg):
   """Prompt-only examples of `samples` (indices in `split`) with their stored history."""
-  result = history.load(Path(workdir) / "retrieval" / f"{split}.npz")
-  row_of = {int(s): r for r, s in enumerate(result["sample"])}
-  rows = np.array([row_of[int(s)] for s in samples], np.int64)
-  return render.build_examples(dataset, {k: v[rows] for k, v in result.items()}, tokenizer,
+  result = history.take(history.load(Path(workdir) / "retrieval" / f"{split}.npz"), samples)
+  return render.build_examples(dataset, result, tokenizer,
                                split=split, labels=False, max_length=cfg["finetune"]["max_length"],
                                order=cfg["retrieval"]["order"])
 

@@ -406,3 +406,13 @@ def load(path):
   """Read a result written by `save`."""
   with np.load(path) as z:
     return {name: z[name] for name in z.files}
+
+
+def take(result, samples):
+  """The rows of a result holding the given sample indices (of its split), in their order."""
+  row_of = {int(s): r for r, s in enumerate(result["sample"])}
+  missing = [int(s) for s in samples if int(s) not in row_of]
+  if missing:
+    raise ValueError(f"the retrieval result has no row for samples {missing[:10]}")
+  rows = np.array([row_of[int(s)] for s in samples], np.int64)
+  return {key: value[rows] for key, value in result.items()}

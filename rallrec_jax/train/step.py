@@ -19,12 +19,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from rallrec_jax import parallel
+from rallrec_jax import config as config_lib, parallel
 from rallrec_jax.llm import lora
 from rallrec_jax.llm.model import Decoder
-
-LOSSES = ("answer", "lm")
-METHODS = ("lora", "full")
 
 
 def initial_weights(rng, lm, lora_cfg):
@@ -89,8 +86,8 @@ def make_train_step(cfg, lora_cfg, optimizer, loss="lm", answer_ids=None):
   ids; without them the decision loss is not computed and `loss` must be "lm". The state is
   donated so its buffers are reused in place.
   """
-  if loss not in LOSSES:
-    raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
+  if loss not in config_lib.FINETUNE_LOSSES:
+    raise ValueError(f"loss={loss!r} is not one of {config_lib.FINETUNE_LOSSES}")
   if loss == "answer" and answer_ids is None:
     raise ValueError("the answer loss needs the (yes, no) answer token ids")
   answer = None if answer_ids is None else jnp.asarray(answer_ids, jnp.int32)
