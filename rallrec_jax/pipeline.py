@@ -177,8 +177,10 @@ def results_table(workdir):
     if extra.is_file():
       for name, b in json.loads(extra.read_text()).items():
         low, high = b["auc_diff_ci"]
+        rank = b.get("spearman_llm")
         lines.append((f"  baseline: {baselines.TITLES.get(name, name)}", b,
-                      f"LLM minus it {b['auc_diff']:+.4f} [{low:+.4f}, {high:+.4f}]"))
+                      f"LLM minus it {b['auc_diff']:+.4f} [{low:+.4f}, {high:+.4f}]"
+                      + ("" if rank is None else f", rank corr. with LLM {rank:+.2f}")))
   if not lines:
     return ""
   width = max(6, *(len(label) for label, _, _ in lines))

@@ -144,5 +144,13 @@ def test_compare_metrics_and_paired_differences(tmp_path):
   assert table["user_mean_rating"]["logloss"] is None and table["user_mean_rating"]["acc"] is None
   assert table["logistic_regression"]["auc_diff_ci"] == [0.0, 0.0]
   assert table["item_like_rate"]["auc_diff_ci"][0] > 0  # random scores: the LLM is better
+  # Rank correlation with the LLM, against a loop over ranks (no ties in continuous scores).
+  def ranks(x):
+    return np.argsort(np.argsort(x)).astype(np.float64)
+  for name, scores in found.items():
+    expected = np.corrcoef(ranks(llm), ranks(scores))[0, 1]
+    assert table[name]["spearman_llm"] == pytest.approx(expected, abs=1e-12)
+  assert table["logistic_regression"]["spearman_llm"] == pytest.approx(1.0)
+  assert abs(table["item_like_rate"]["spearman_llm"]) < 0.15
   baselines.write(tmp_path, "test", table)
   assert json.loads((tmp_path / "eval" / "test_baselines.json").read_text()) == table

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -102,7 +103,8 @@ def compare(labels, llm_scores, baseline_scores, resamples=RESAMPLES, seed=SEED)
 
   Metrics are `metrics.all_metrics` (log loss and accuracy None for scores that are not
   probabilities); CIs are 95% percentile intervals over bootstrap resamples shared by the LLM
-  and every baseline.
+  and every baseline; `spearman_llm` is the rank correlation of the baseline's scores with the
+  LLM's.
   """
   names = list(baseline_scores)
   stacked = np.stack([llm_scores] + [baseline_scores[n] for n in names])
@@ -115,7 +117,8 @@ def compare(labels, llm_scores, baseline_scores, resamples=RESAMPLES, seed=SEED)
               "n": len(labels)})
     out[name] = {**entry, "auc_ci": list(bootstrap.percentile_ci(aucs[i])),
                  "auc_diff": llm_auc - entry["auc"],
-                 "auc_diff_ci": list(bootstrap.percentile_ci(aucs[0] - aucs[i]))}
+                 "auc_diff_ci": list(bootstrap.percentile_ci(aucs[0] - aucs[i])),
+                 "spearman_llm": float(spearmanr(stacked[0], stacked[i]).statistic)}
   return out
 
 
