@@ -1,6 +1,7 @@
 """Run RALLRec stages on a workdir.
 
-  python -m rallrec_jax.main --config configs/ml100k.py:path=DATA --workdir W [--stages a,b]
+  rallrec --config configs/ml100k.py:path=DATA --workdir W [--stages a,b]
+  (the same as python -m rallrec_jax.main ...; `pip install -e .` installs the command)
 
 Any config leaf can be overridden, e.g. --config.retrieval.k=20. Multi-host jobs set
 RALLREC_DISTRIBUTED=1 on every host (see rallrec_jax/distributed.py and launch/). Stages run
@@ -11,6 +12,7 @@ in this order; each one whose inputs and config are unchanged since its last run
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -41,6 +43,11 @@ def parse_flags(argv):
   """absl flag parsing, with config mistakes reported as one line naming the key."""
   if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+  for i, arg in enumerate(argv[1:], 1):
+    value = (arg.split("=", 1)[1] if arg.startswith("--config=")
+             else argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    if value is not None and not Path(value.split(":", 1)[0]).is_file():
+      _fail(f"--config {value}: no such config file {value.split(':', 1)[0]!r} (from {Path.cwd()})")
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -81,6 +88,15 @@ def main(argv):
     print(table)
 
 
-if __name__ == "__main__":
+def run():
+  """The `rallrec` command: `python -m rallrec_jax.main` under a short name."""
+  # absl's --help shows the __main__ module's docstring and the key flags of sys.argv[0].
+  sys.modules["__main__"].__doc__ = __doc__
+  for flag in (_CONFIG, _WORKDIR, _STAGES, _FORCE):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -311,6 +311,9 @@ def run(cfg, workdir, stages=None, force=False, wait_timeout_s=None):
   workdir = Path(workdir)
   primary = distributed.is_primary()
   run_id = _run_id()
+  selected = select(stages)
+  for stage in selected:  # missing raw files fail here, before anything is written
+    stage.external_inputs(cfg)
   if primary:
     workdir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2) + "\n")
@@ -318,7 +321,7 @@ def run(cfg, workdir, stages=None, force=False, wait_timeout_s=None):
     distributed.wait_for((workdir / "config.json").is_file, f"{workdir / 'config.json'}",
                          wait_timeout_s)
   status = {}
-  for stage in select(stages):
+  for stage in selected:
     expected = _expected(stage, cfg, workdir)
     if not force and _is_current(stage, workdir, read_manifest(workdir, stage.name), expected):
       log.info("%s: up to date, skipped (pass --force to rerun)", stage.name)

@@ -141,3 +141,21 @@ def test_crash_while_writing_leaves_no_partial_dataset(tmp_path, ml1m_folder, mo
   with pytest.raises(OSError, match="disk full"):
     data.save(data.prepare(cfg), workdir / "data")
   assert len(calls) == 3 and _tree(workdir) == before and os.listdir(workdir) == ["data"]
+
+
+def test_missing_raw_file_or_config_is_one_line_and_writes_nothing(tmp_path, ml1m_folder):
+  workdir = tmp_path / "w"
+  ok = _run_cli(f"configs/ml1m.py:path={ml1m_folder}", workdir)
+  assert ok.returncode == 0, ok.stderr
+  before = _tree(workdir)
+  (ml1m_folder / "movies.dat").rename(tmp_path / "movies.dat")
+  bad = _run_cli(f"configs/ml1m.py:path={ml1m_folder}", workdir)
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1].startswith(
+      f"error: {ml1m_folder / 'movies.dat'}: missing file 'movies.dat'")
+  nothing = _run_cli("configs/nosuch.py", workdir)
+  assert nothing.returncode == 2 and "Traceback" not in nothing.stderr
+  assert "no such config file 'configs/nosuch.py'" in nothing.stderr
+  assert _tree(workdir) == before  # config.json included
+  fresh = _run_cli(f"configs/ml1m.py:path={ml1m_folder}", tmp_path / "fresh")
+  assert fresh.returncode == 2 and not (tmp_path / "fresh").exists()

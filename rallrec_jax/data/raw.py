@@ -86,7 +86,12 @@ class Source:
     return (self.path / name).read_bytes()
 
   def fingerprint_files(self, names):
-    """The files on disk whose content decides what `read(names)` returns."""
+    """The files on disk whose content decides what `read(names)` returns; every one of
+    `names` must exist (a DataError names the first missing one)."""
+    for name in names:
+      if not self.has(name):
+        raise DataError(self.where(name), f"missing file {name!r} in {self.path} (data.path must "
+                        f"be the folder or zip holding {', '.join(names)})")
     if self.zip is not None:
       return [self.path]
     return [self.path / n for n in names]
