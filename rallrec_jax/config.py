@@ -73,7 +73,8 @@ def base_config():
   m.attention = ""            # xla | cudnn (flash); "": cudnn for 16-bit prefill on NVIDIA GPUs
   m.mesh = (("data", -1),)    # (axis, size) pairs over data / fsdp / tensor, one -1
   m.tiny = ml_collections.ConfigDict(dict(
-      hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=0))
+      hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=0,
+      init_std=0.02))
 
   c.describe = ml_collections.ConfigDict(dict(
       batch_size=16, max_new_tokens=128, temperature=0.8, top_p=0.9, max_words=80, seed=0))
@@ -324,6 +325,7 @@ def _validate_model(m):
     _check(Path(m.path).expanduser().joinpath("config.json").is_file(), "model.path",
            f"{m.path} is not a Hugging Face model folder (no config.json); leave it empty for "
            f"the tiny random model")
+  _check(m.tiny.init_std > 0, "model.tiny.init_std", f"must be > 0, got {m.tiny.init_std!r}")
   _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} is not one of {DTYPES}")
   _check(m.param_dtype in DTYPES + ("",), "model.param_dtype",
          f"{m.param_dtype!r} is not one of {DTYPES} or ''")

@@ -60,20 +60,33 @@ def _tiny_folder(workdir):
 def _tiny_model_folder(cfg, workdir, dataset):
   """W/model_tiny: a random decoder whose vocabulary covers the items' text and prompts."""
   folder = _tiny_folder(workdir)
-  key = hashlib.sha256(json.dumps([cfg.model.tiny.to_dict(), dataset.meta],
+  texts = _tiny_vocabulary_texts(dataset)
+  key = hashlib.sha256(json.dumps([cfg.model.tiny.to_dict(), dataset.meta, texts],
                                   sort_keys=True).encode()).hexdigest()
   if (folder / "config.json").is_file() and (folder / "key").is_file() and (
       (folder / "key").read_text() == key):
     return folder
-  texts = [json.dumps(it, ensure_ascii=False) for it in dataset.items]
-  texts += [templates.description_prompt(it, dataset.meta["name"]) for it in dataset.items[:50]]
   with atomic.directory(folder) as tmp:
     t = cfg.model.tiny
     tiny.build(tmp, texts, hidden_size=t.hidden_size, num_layers=t.num_layers,
                num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
-               intermediate_size=t.intermediate_size, seed=t.seed)
+               intermediate_size=t.intermediate_size, seed=t.seed, init_std=t.init_std)
     (tmp / "key").write_text(key)
   return folder
+
+
+def _tiny_vocabulary_texts(dataset):
+  """Texts whose words the tiny tokenizer must know: the items, the description prompts and
+  the recommendation question with every rating from 0 to 10 stars and every user's profile,
+  so that no word of a prompt (the target's *** marks, "stars", an occupation) reads as <unk>."""
+  name = dataset.meta["name"]
+  texts = [json.dumps(it, ensure_ascii=False) for it in dataset.items]
+  texts += [templates.description_prompt(it, name) for it in dataset.items[:50]]
+  titles = [it["title"] for it in dataset.items[:11]]
+  history = [(titles[r % len(titles)], r) for r in range(11)]
+  texts.append(render.render_prompt(dataset.users[0], history, titles[0], name))
+  texts += [render.render_prompt(user, [], titles[0], name) for user in dataset.users]
+  return texts
 
 
 def load_model(cfg, workdir, dataset):

@@ -1,10 +1,11 @@
 """The Flax decoder against transformers' PyTorch models, and sharded against unsharded."""
 import numpy as np
 import pytest
+from safetensors import numpy as safetensors_numpy
 
 from rallrec_jax import parallel
 from rallrec_jax.llm import LMConfig, load_pretrained
-from rallrec_jax.llm import hf_io
+from rallrec_jax.llm import hf_io, tiny
 from tests.llm_fixtures import random_batch, tiny_hf_model
 
 torch = pytest.importorskip("torch")
@@ -109,3 +110,15 @@ def test_mesh_shapes():
     parallel.make_mesh((("data", 3), ("tensor", 2)))
   uneven = parallel.logical_sharding((9, 64), ("heads", "head_dim"), mesh)
   assert tuple(uneven.spec) == (None, None)  # 9 heads do not split over 2 devices
+
+
+@pytest.mark.parametrize("init_std", [0.02, 0.1])
+def test_tiny_build_draws_weights_at_init_std(tmp_path, init_std):
+  folder = tiny.build(tmp_path / "m", ["some words for the vocabulary"], hidden_size=64,
+                      intermediate_size=128, init_std=init_std)
+  tensors = safetensors_numpy.load_file(str(folder / "model.safetensors"))
+  for name, value in tensors.items():
+    if "norm" in name:
+      np.testing.assert_array_equal(value, 1.0)
+    else:
+      assert abs(value.std() / init_std - 1) < 0.1, (name, value.std())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from rallrec_jax import data, pipeline
+from rallrec_jax import data, pipeline, stages
 from rallrec_jax.eval import baselines, evaluate
 from rallrec_jax.text import describe
 from rallrec_jax.train import loop
@@ -181,3 +181,18 @@ def test_full_fine_tuning_learns_on_the_shrunk_quickstart(run, tmp_path):
   zero = json.loads((copy / "eval" / "valid.json").read_text())
   assert zero["n"] == tuned["n"] == 200 and zero["step"] is None
   assert tuned["auc"] > zero["auc"] + 0.05, (tuned["auc"], zero["auc"])
+
+
+def test_tiny_tokenizer_reads_every_word_of_the_prompts(run):
+  """The tiny decoder's vocabulary covers the question, not only the items: no prompt token
+  (the target's *** marks, "stars", the profile) is <unk>."""
+  cfg, workdir, _ = run
+  dataset = data.load_dataset(workdir)
+  lm = stages.load_model(cfg, workdir, dataset)
+  unk = lm.tokenizer.unk_token_id
+  for split in ("train", "test"):
+    examples = stages._eval_examples(cfg, workdir, dataset, lm, split, 0, "first")
+    assert len(examples["input_ids"]) == len(dataset.splits[split])
+    assert not any(unk in ids for ids in examples["input_ids"]), split
+  words = set(lm.tokenizer.convert_ids_to_tokens(examples["input_ids"][0]))
+  assert {"*", "stars", "watched", "ONLY"} <= words

@@ -20,7 +20,10 @@ _REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
           "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def _init(names, scale=0.02):
+INIT_STD = 0.02  # standard deviation of every kernel and embedding at initialisation
+
+
+def _init(names, scale=INIT_STD):
   return nn.with_logical_partitioning(nn.initializers.normal(scale), names)
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from rallrec_jax.llm import hf_io
 from rallrec_jax.llm.config import LMConfig
-from rallrec_jax.llm.model import Decoder
+from rallrec_jax.llm.model import INIT_STD, Decoder
 
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>")
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> "
@@ -55,8 +55,13 @@ def word_tokenizer(folder, words):
 
 
 def build(folder, texts=(), *, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-          intermediate_size=128, seed=0, max_words=4000):
-  """Write a random tiny Llama and a tokenizer over the words of `texts` to `folder`."""
+          intermediate_size=128, seed=0, max_words=4000, init_std=0.02):
+  """Write a random tiny Llama and a tokenizer over the words of `texts` to `folder`.
+
+  Every kernel and the embedding are drawn from N(0, init_std^2) (norm weights are ones): at
+  hidden size 64 the usual 0.02 leaves attention almost uniform, and a larger scale (about
+  1/sqrt(hidden_size)) lets a model this small learn in a few hundred updates.
+  """
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   tok = word_tokenizer(folder, vocabulary(texts, max_words))
@@ -68,6 +73,9 @@ def build(folder, texts=(), *, hidden_size=64, num_layers=2, num_heads=4, num_kv
                  bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,),
                  pad_token_id=tok.pad_token_id)
   ids = jnp.zeros((1, 1), jnp.int32)
-  params = jax.jit(lambda r: Decoder(cfg).init(r, ids))(jax.random.key(seed))
-  hf_io.export(nn.meta.unbox(params["params"]), cfg, folder)
+  params = nn.meta.unbox(jax.jit(lambda r: Decoder(cfg).init(r, ids))(jax.random.key(seed)))
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * (init_std / INIT_STD),
+      params["params"])
+  hf_io.export(params, cfg, folder)
   return folder
