@@ -55,11 +55,11 @@ def word_tokenizer(folder, words):
 
 
 def build(folder, texts=(), *, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-          intermediate_size=128, seed=0, max_words=4000, init_std=0.02):
+          intermediate_size=128, seed=0, max_words=4000, init_std=INIT_STD):
   """Write a random tiny Llama and a tokenizer over the words of `texts` to `folder`.
 
   Every kernel and the embedding are drawn from N(0, init_std^2) (norm weights are ones): at
-  hidden size 64 the usual 0.02 leaves attention almost uniform, and a larger scale (about
+  hidden size 64 the default (INIT_STD, 0.02) leaves attention almost uniform, and a larger scale (about
   1/sqrt(hidden_size)) lets a model this small learn in a few hundred updates.
   """
   folder = Path(folder)
