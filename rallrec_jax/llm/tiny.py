@@ -59,8 +59,8 @@ def build(folder, texts=(), *, hidden_size=64, num_layers=2, num_heads=4, num_kv
   """Write a random tiny Llama and a tokenizer over the words of `texts` to `folder`.
 
   Every kernel and the embedding are drawn from N(0, init_std^2) (norm weights are ones): at
-  hidden size 64 the default (INIT_STD, 0.02) leaves attention almost uniform, and a larger scale (about
-  1/sqrt(hidden_size)) lets a model this small learn in a few hundred updates.
+  hidden size 64 the default (INIT_STD, 0.02) leaves attention almost uniform, and a larger
+  scale (about 1/sqrt(hidden_size)) lets a model this small learn in a few hundred updates.
   """
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
