@@ -10,7 +10,7 @@ import pytest
 
 from rallrec_jax import parallel
 from rallrec_jax.llm import load_pretrained, lora
-from rallrec_jax.train import fit
+from rallrec_jax.train import fit, loop
 from tests.llm_fixtures import tiny_hf_model
 
 LORA = lora.LoraConfig(rank=4, dropout=0.0, targets=("q_proj", "v_proj"))
@@ -156,3 +156,45 @@ def test_early_stop_after_patience_then_rerun_is_complete(lm, tmp_path):
   assert stopped["status"] == "early_stopped" and stopped["step"] == 3
   assert (stopped["best_step"], stopped["best_auc"]) == (1, 0.5)
   assert run(lm, tmp_path, eval_fn=flat, eval_every=1, patience=2)["status"] == "already_complete"
+
+
+class Killed(BaseException):
+  """Stands for SIGKILL: nothing after it runs, no checkpoint is saved on the way out."""
+
+
+def kill_after_logging(monkeypatch, last):
+  """Make the run die right after it logs step `last`, leaving half of the next record."""
+  write = loop._Metrics.write
+
+  def write_then_die(self, record):
+    write(self, record)
+    if record["step"] == last:
+      with self.path.open("a", encoding="utf-8") as f:
+        f.write('{"step": %d, "loss": 0.' % (last + 1))
+      raise Killed
+
+  monkeypatch.setattr(loop._Metrics, "write", write_then_die)
+
+
+def deterministic_fields(record):
+  """The fields of a metrics record that do not depend on wall-clock time."""
+  return {"step": record["step"], "loss": record["loss"], "lr": record["lr"],
+          "examples_seen": record["examples_seen"], "auc": record.get("eval", {}).get("auc", -1.0)}
+
+
+# Checkpoints at steps 2 and 4: killed before the first one, while writing step 4's (its
+# record is logged first) and after it.
+@pytest.mark.parametrize("last", [1, 4, 5])
+def test_metrics_hold_each_step_once_after_a_kill(lm, full_run, tmp_path, monkeypatch, last):
+  with monkeypatch.context() as patch:
+    kill_after_logging(patch, last)
+    with pytest.raises(Killed):
+      run(lm, tmp_path)
+  logged = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in logged[:-1]] == list(range(1, last + 1))
+  resumed = run(lm, tmp_path)
+  assert resumed["status"] == "complete" and resumed["step"] == STEPS
+  records, full = read_metrics(tmp_path), read_metrics(full_run[0])
+  assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+  for got, want in zip(records, full, strict=True):
+    assert deterministic_fields(got) == pytest.approx(deterministic_fields(want), abs=1e-6)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from rallrec_jax import parallel
+from rallrec_jax import atomic, parallel
 from rallrec_jax.llm import flops
 from rallrec_jax.train import checkpoint, step as step_lib
 
@@ -108,6 +108,33 @@ class _Metrics:
       with self.path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
+  def keep_until(self, step):
+    """Drop the records after `step` and any torn line, so a resumed run logs each step once.
+
+    A run killed after its last checkpoint has logged steps that the resumed run repeats. The
+    kept lines go to a temporary file that replaces the old one, so a kill here loses nothing.
+    """
+    if self.path is None or not self.path.is_file():
+      return
+    text = self.path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    kept = [line for line in lines if _record_step(line) <= step]
+    torn_end = bool(text) and not text.endswith("\n")
+    if kept != lines or torn_end:
+      atomic.write_text(self.path, "".join(line + "\n" for line in kept))
+      log.info("%s: dropped %d records after step %d, where training resumes", self.path,
+               len(lines) - len(kept), step)
+
+
+def _record_step(line):
+  """The step of a metrics line; infinite for a torn line, which is never kept."""
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return float("inf")
+  step = record.get("step") if isinstance(record, dict) else None
+  return step if isinstance(step, int) else float("inf")
+
 
 def _update(step_fn, state, lm, batches, grad_accum, meta):
   """One optimizer update over `grad_accum` batches: (state, mean metrics, tokens)."""
@@ -183,13 +210,15 @@ def fit(lm, lora_cfg, train_batches_fn, *, steps, lr=5e-4, weight_decay=0.0, gra
       log.warning("TRAINING ALREADY COMPLETE: %s holds step %d of %d; nothing to train",
                   checkpoint_dir, step, steps)
       return _summary("already_complete", step, meta, state["weights"])
+    metrics = _Metrics(metrics_path)
+    metrics.keep_until(step)
     with _sigterm_flag() as preempted:
       return _train(lm, step_fn, state, meta, step, mngr, train_batches_fn, preempted,
                     dict(steps=steps, lr=lr, warmup=warmup, grad_accum=grad_accum,
                          full=lora_cfg is None,
                          save_every=save_every,
                          eval_fn=eval_fn, eval_every=eval_every, patience=patience,
-                         metrics=_Metrics(metrics_path), progress=progress))
+                         metrics=metrics, progress=progress))
   finally:
     mngr.close()
 
