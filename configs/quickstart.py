@@ -20,8 +20,9 @@ def get_config(arg=None):
   c.describe.max_new_tokens = 32
   c.describe.batch_size = 32
   # A random decoder's descriptions are noise: its text vectors embed the plain template (title
-  # and genre, whose words carry the clusters) instead.
-  c.embed.update(dict(source="template", pca_dim=32))
+  # and genre, whose words carry the clusters) instead, as the mean of its token embeddings (its
+  # random layers would scramble them).
+  c.embed.update(dict(source="template", pool="tokens", pca_dim=32))
   c.cf.update(dict(dim=32, lr=1e-2, epochs=100))
   c.align.epochs = 50
   c.align.batch_size = 64

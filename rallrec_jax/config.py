@@ -15,6 +15,7 @@ SOURCES = ("files", "tfds")
 UNKNOWN_ID_POLICIES = ("error", "drop")
 ORDERS = ("simple", "high", "sequential", "rerank", "fusion")
 EMBED_SOURCES = ("description", "template")
+EMBED_POOLS = ("hidden", "tokens")
 MIX_VARIANTS = ("text", "cf", "mix", "mix3")
 FINETUNE_VARIANTS = ("simple", "rag", "rerank", "mixed")
 FINETUNE_LOSSES = ("answer", "lm")
@@ -78,9 +79,10 @@ def base_config():
 
   c.describe = ml_collections.ConfigDict(dict(
       batch_size=16, max_new_tokens=128, temperature=0.8, top_p=0.9, max_words=80, seed=0))
-  # Text embedding of each item: its generated description, or the plain template.
+  # Text embedding of each item: its generated description, or the plain template, mean-pooled
+  # over the final hidden states (pool "hidden") or the input token embeddings ("tokens").
   c.embed = ml_collections.ConfigDict(dict(
-      source="description", batch_size=32, max_length=256, pca_dim=128))
+      source="description", pool="hidden", batch_size=32, max_length=256, pca_dim=128))
   c.cf = ml_collections.ConfigDict(dict(
       dim=128, layers=3, lr=1e-3, l2=1e-4, batch_size=2048, epochs=30, k=20, seed=0))
   c.align = ml_collections.ConfigDict(dict(
@@ -246,6 +248,8 @@ def validate(cfg):
   _validate_model(cfg.model)
   _check(cfg.embed.source in EMBED_SOURCES, "embed.source",
          f"{cfg.embed.source!r} is not one of {EMBED_SOURCES}")
+  _check(cfg.embed.pool in EMBED_POOLS, "embed.pool",
+         f"{cfg.embed.pool!r} is not one of {EMBED_POOLS}")
   _check(cfg.mix.variant in MIX_VARIANTS, "mix.variant",
          f"{cfg.mix.variant!r} is not one of {MIX_VARIANTS}")
   for key in ("describe.batch_size", "describe.max_new_tokens", "embed.batch_size",

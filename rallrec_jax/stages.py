@@ -76,12 +76,14 @@ def _tiny_model_folder(cfg, workdir, dataset):
 
 
 def _tiny_vocabulary_texts(dataset):
-  """Texts whose words the tiny tokenizer must know: the items, the description prompts and
-  the recommendation question with every rating from 0 to 10 stars and every user's profile,
-  so that no word of a prompt (the target's *** marks, "stars", an occupation) reads as <unk>."""
+  """Texts whose words the tiny tokenizer must know: the items, the description prompts, the
+  plain template, and the recommendation question with every rating from 0 to 10 stars and
+  every user's profile, so that no word of a prompt (the target's *** marks, "stars", an
+  occupation) or of an embedded text reads as <unk>."""
   name = dataset.meta["name"]
   texts = [json.dumps(it, ensure_ascii=False) for it in dataset.items]
   texts += [templates.description_prompt(it, name) for it in dataset.items[:50]]
+  texts += [templates.plain_text(it, name) for it in dataset.items[:50]]
   titles = [it["title"] for it in dataset.items[:11]]
   history = [(titles[r % len(titles)], r) for r in range(11)]
   texts.append(render.render_prompt(dataset.users[0], history, titles[0], name))
@@ -161,11 +163,11 @@ def embed(cfg, workdir):
   dataset = data.load_dataset(workdir)
   lm = load_model(cfg, workdir, dataset)
   e = cfg.embed
-  pooled = embed_lib.embed_texts(lm, item_texts(cfg, workdir, dataset), batch_size=e.batch_size,
-                                 max_length=e.max_length)
+  pooled = embed_lib.embed_texts(lm, item_texts(cfg, workdir, dataset), pool=e.pool,
+                                 batch_size=e.batch_size, max_length=e.max_length)
   vectors = embed_lib.pca(pooled, e.pca_dim)
   save_array(Path(workdir) / "embeddings" / "text.npy", vectors)
-  log.info("embed: %s -> text vectors %s", e.source, vectors.shape)
+  log.info("embed: %s, %s pool -> text vectors %s", e.source, e.pool, vectors.shape)
 
 
 def cf(cfg, workdir):

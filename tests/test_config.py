@@ -87,6 +87,7 @@ def test_overrides_set_leaves_and_reject_unknown_keys():
     ("model.mesh", (("data", -1), ("model", 2)), "model.mesh: axes"),
     ("model.mesh", (("data", -1), ("tensor", -1)), "model.mesh: sizes"),
     ("embed.source", "title", "embed.source"),
+    ("embed.pool", "last", "embed.pool: 'last' is not one of"),
     ("mix.variant", "mix4", "mix.variant"),
     ("mix.weights.cf", -1.0, "mix.weights.cf: must be >= 0"),
     ("cf.epochs", 0, "cf.epochs: must be a positive integer"),

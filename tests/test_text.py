@@ -52,6 +52,19 @@ def test_mean_pool_equals_numpy_over_real_tokens(tmp_path):
     np.testing.assert_allclose(out[i], hidden[0].numpy().mean(0), atol=1e-4)
 
 
+def test_tokens_pool_equals_the_mean_of_the_embedding_rows(tmp_path):
+  model = tiny_hf_model(tmp_path, "llama")
+  lm = load_pretrained(tmp_path)
+  texts = ["the user will like this movie", "a book", "Paris is the capital of France ."]
+  out = embed.embed_texts(lm, texts, pool="tokens", batch_size=4, bucket=8, progress=False)
+  table = model.get_input_embeddings().weight.detach().numpy()
+  for i, text in enumerate(texts):
+    np.testing.assert_allclose(out[i], table[lm.tokenizer([text]).input_ids[0]].mean(0),
+                               atol=1e-6)
+  with pytest.raises(ValueError, match="unknown pool 'last'"):
+    embed.embed_texts(lm, texts, pool="last", progress=False)
+
+
 def test_pca_matches_numpy_svd():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(200, 12)) @ rng.normal(size=(12, 12)) + 3.0

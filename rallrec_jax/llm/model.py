@@ -167,6 +167,10 @@ class Decoder(nn.Module):
       new_cache.append(layer_cache)
     return self.norm(x), (None if cache is None else new_cache)
 
+  def token_embeddings(self, input_ids):
+    """Input embedding rows [B, T, embed] of the tokens (no layer applied)."""
+    return self.embed_tokens(input_ids)
+
   def project(self, hidden):
     """Vocabulary logits (float32) of hidden states [..., embed]."""
     if self.cfg.tie_word_embeddings:

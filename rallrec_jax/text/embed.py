@@ -1,4 +1,9 @@
-"""Text embeddings: one forward pass per text, masked mean of the final normed hidden states.
+"""Text embeddings: a masked mean over each text's tokens of the final normed hidden states
+(pool "hidden", one forward pass per text) or of the input token embeddings (pool "tokens").
+
+"tokens" is for a random decoder: its layers scramble the word vectors into noise, but each word
+keeps one fixed row of the embedding table, so the mean of a text's rows finds texts that share
+words (for the quickstart's titles and genres, the planted clusters).
 
 Texts are tokenized without a chat template, sorted by length and cut into batches padded up
 to a few bucket lengths (few compiled shapes, little padding); each batch is split over the
@@ -12,14 +17,18 @@ import numpy as np
 from tqdm import tqdm
 
 from rallrec_jax import parallel
+from rallrec_jax.config import EMBED_POOLS
 from rallrec_jax.llm.model import Decoder
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def mean_pool(cfg, params, input_ids, attention_mask):
-  """Masked mean [B, E] (float32) of the final normed hidden states."""
-  hidden, _ = Decoder(cfg).apply({"params": params}, input_ids, attention_mask,
-                                 method=Decoder.hidden)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def mean_pool(cfg, pool, params, input_ids, attention_mask):
+  """Masked mean [B, E] (float32) of the final normed hidden states or the token embeddings."""
+  if pool == "tokens":
+    hidden = Decoder(cfg).apply({"params": params}, input_ids, method=Decoder.token_embeddings)
+  else:
+    hidden, _ = Decoder(cfg).apply({"params": params}, input_ids, attention_mask,
+                                   method=Decoder.hidden)
   mask = attention_mask.astype(jnp.float32)[..., None]
   return (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
 
@@ -28,8 +37,11 @@ def _round_up(n, multiple):
   return -(-n // multiple) * multiple
 
 
-def embed_texts(lm, texts, *, batch_size=32, bucket=32, max_length=512, progress=True):
-  """Mean-pooled hidden states [len(texts), hidden_size] float32, in the order of `texts`."""
+def embed_texts(lm, texts, *, pool="hidden", batch_size=32, bucket=32, max_length=512,
+                progress=True):
+  """Mean-pooled `pool` states [len(texts), hidden_size] float32, in the order of `texts`."""
+  if pool not in EMBED_POOLS:
+    raise ValueError(f"unknown pool {pool!r}; choose one of {EMBED_POOLS}")
   tok = lm.tokenizer
   ids = tok(list(texts), add_special_tokens=True, truncation=True, max_length=max_length).input_ids
   order = np.argsort([len(x) for x in ids], kind="stable")
@@ -45,7 +57,7 @@ def embed_texts(lm, texts, *, batch_size=32, bucket=32, max_length=512, progress
       for j, r in enumerate(rows):
         batch[j, length - len(ids[r]):] = ids[r]
         mask[j, length - len(ids[r]):] = 1
-      pooled = mean_pool(lm.cfg, lm.params, lm.place(batch), lm.place(mask))
+      pooled = mean_pool(lm.cfg, pool, lm.params, lm.place(batch), lm.place(mask))
       out[rows] = np.asarray(pooled)[:len(rows)]
   return out
 
