@@ -9,7 +9,7 @@ with the competitor measured in the same run and the ratio.
   python -m rallrec_jax.bench lightgcn [--ml100k DIR]   LightGCN epoch time
   python -m rallrec_jax.bench index                     ScaNN vs exact search, 1M x 128
   python -m rallrec_jax.bench retrieve                  history retrieval over 1M samples
-  python -m rallrec_jax.bench retrieval-quality         test AUC of retrieved history, ML-100K
+  python -m rallrec_jax.bench retrieval-quality         test AUC of retrieved history (ML-100K)
 
 prepare: the `prepare` stage (parse, build samples and splits, write W/data/) on synthetic
 ratings written in the ML-1M file format, run in a fresh process so that its peak memory is
@@ -145,7 +145,8 @@ def main(argv=None):
   sub.add_parser("index", help="ScaNN against exact search on 1M x 128 vectors")
   sub.add_parser("retrieve", help="history retrieval over 1M samples against the reference")
   quality = sub.add_parser("retrieval-quality",
-                           help="test AUC predicted from retrieved history alone, on ML-100K")
+                           help="test AUC predicted from retrieved history alone (ML-100K, or "
+                                "--config)")
   quality.add_argument("--workdir", default="workdirs/retrieval_quality",
                        help="workdir for the pipeline up to mix (reused when up to date)")
   quality.add_argument("--ml100k", default=None, help="MovieLens 100K folder")
@@ -153,6 +154,9 @@ def main(argv=None):
                        help="HF folder for the text view (default $RALLREC_SMOLLM2, else tiny)")
   quality.add_argument("--descriptions", action="store_true",
                        help="embed generated descriptions instead of the plain template (slow)")
+  quality.add_argument("--config", default=None,
+                       help="a config file[:arg] (e.g. configs/quickstart.py) whose data and "
+                            "representations to measure instead of ML-100K's")
   args = parser.parse_args(argv)
   # Imported here: each benchmark pulls in only what it measures.
   # pylint: disable=import-outside-toplevel
@@ -180,10 +184,15 @@ def main(argv=None):
     from rallrec_jax.retrieval import bench_history
     _emit(bench_history.bench_retrieve())
   elif args.bench == "retrieval-quality":
+    from rallrec_jax import sweep
     from rallrec_jax.retrieval import bench_quality
-    _emit(bench_quality.bench_retrieval_quality(
-        args.workdir, args.ml100k or bench_quality.default_ml100k(), args.model_dir,
-        "description" if args.descriptions else "template"))
+    if args.config:
+      cfg = sweep.load(args.config)[1]
+    else:
+      cfg = bench_quality.ml100k_config(args.ml100k or bench_quality.default_ml100k(),
+                                        args.model_dir,
+                                        "description" if args.descriptions else "template")
+    _emit(bench_quality.bench_retrieval_quality(args.workdir, cfg))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 
 from rallrec_jax import config, data
 from rallrec_jax.data import schema
-from rallrec_jax.retrieval import history
+from rallrec_jax.retrieval import bench_quality, history
 
 ORDERS = ("simple", "high", "sequential", "rerank", "fusion")
 
@@ -251,3 +251,24 @@ def test_host_top_k_equals_device_top_k(ranked):
     np.testing.assert_array_equal(host, device)
   else:
     np.testing.assert_array_equal(np.sort(host, axis=1), np.sort(device, axis=1))
+
+
+def test_quality_prediction_equals_a_loop_over_rows(ml100k, embeddings):
+  """bench retrieval-quality's score: user mean + similarity-weighted mean deviation."""
+  vectors = embeddings["exact"]
+  got = history.retrieve(ml100k, "test", vectors, k=5, order="high")["history"][:300]
+  samples = ml100k.splits["test"].take(np.arange(300))
+  ours = bench_quality.predict(ml100k, samples, got, vectors)
+  t = ml100k.timelines
+  start, end = ml100k.history_bounds(samples)
+  unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+  for n in range(300):
+    items = t.item[start[n]:end[n]]
+    ratings = t.rating[start[n]:end[n]]
+    mean = ratings.mean() if len(ratings) else 3.5
+    num = den = 0.0
+    for item in got[n][got[n] >= 0]:
+      w = max(float(unit[item] @ unit[samples.target[n]]), 0.0) + 1e-6
+      num += w * (ratings[items == item][0] - mean)
+      den += w
+    assert ours[n] == pytest.approx(mean + (num / den if den else 0.0), abs=1e-5)

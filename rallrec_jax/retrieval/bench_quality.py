@@ -4,8 +4,9 @@ Each test sample's label is predicted from its K retrieved history items alone: 
 mean rating plus the similarity-weighted mean of the retrieved ratings' deviations from it.
 The test AUC of that prediction compares the representations (text, cf, mix, mix3) and orders
 (last K against similarity, with and without the recency rerank) before paying for an LLM.
-The pipeline runs up to `mix` on MovieLens 100K in a workdir first (the text view comes from
-$RALLREC_SMOLLM2 when set, else from the tiny random decoder, which carries no semantics).
+The pipeline runs up to `mix` in a workdir first: on MovieLens 100K by default (the text view
+comes from $RALLREC_SMOLLM2 when set, else from the tiny random decoder, which carries no
+semantics), or on the dataset and representations of a config file (`--config`).
 """
 import os
 from pathlib import Path
@@ -25,13 +26,19 @@ ROWS = (("simple", "mix3", "simple"), ("text", "text", "high"), ("cf", "cf", "hi
         ("mix", "mix", "high"), ("mix3", "mix3", "high"), ("mix3+rerank", "mix3", "rerank"))
 
 
-def prepare_workdir(workdir, ml100k, model_dir=None, embed_source="template"):
+def ml100k_config(ml100k, model_dir=None, embed_source="template"):
+  """ML-100K with the base config's representations (the default of this benchmark)."""
   cfg = config_lib.base_config()
   cfg.data.name, cfg.data.path = "ml100k", str(ml100k)
   cfg.model.path = model_dir or ""
   cfg.embed.source = embed_source
+  return cfg
+
+
+def prepare_workdir(workdir, cfg):
+  """Run the pipeline up to `mix` (describing items first when the text view needs it)."""
   stages = ["prepare", "embed", "cf", "align", "mix"]
-  if embed_source == "description":
+  if cfg.embed.source == "description":
     stages.insert(1, "describe")
   pipeline.run(cfg, workdir, stages=stages)
 
@@ -63,9 +70,9 @@ def predict(dataset, samples, items, vectors):
                               0.0)
 
 
-def bench_retrieval_quality(workdir, ml100k, model_dir=None, embed_source="template"):
+def bench_retrieval_quality(workdir, cfg):
   """One dict per (row, K): test AUC, with `simple` at the same K as the competitor."""
-  prepare_workdir(workdir, ml100k, model_dir, embed_source)
+  prepare_workdir(workdir, cfg)
   workdir = Path(workdir)
   dataset = data.load_dataset(workdir)
   blocks = {name: np.load(workdir / "embeddings" / f"{name}.npy") for name in mix_lib.BLOCKS}
@@ -83,8 +90,9 @@ def bench_retrieval_quality(workdir, ml100k, model_dir=None, embed_source="templ
                       "order": order, "k": k, "value": round(aucs[name], 4), "unit": "test AUC",
                       "competitor": "simple (last K)", "competitor_value": round(aucs["simple"], 4),
                       "ratio": round(aucs[name] / aucs["simple"], 4),
-                      "text_model": model_dir or "tiny random decoder",
-                      "text_source": embed_source, "samples": len(test)})
+                      "data": cfg.data.name, "text_model": cfg.model.path or "tiny random decoder",
+                      "text_source": cfg.embed.source, "text_pool": cfg.embed.pool,
+                      "samples": len(test)})
   return results
 
 
