@@ -16,6 +16,7 @@ from rallrec_jax.data.raw import clean_text
 CATEGORY = "Movies_and_TV"
 SMALL_CORE = dict(user_min=3, user_max=20, item_min=3, item_max=30, top_items=15)
 NO_CORE = dict(user_min=0, user_max=10**6, item_min=0, item_max=10**6, top_items=0)
+T0 = 1_300_000_000  # 2011-03-13, when the fixtures' reviews start
 WORDS = ["great", "film", "café", "naïve", "\u2665", 'said "asin": "B000TRAP"', "\\o/",
          '"reviewerID": "ATRAP", "overall": 1.0', "DVD", "{}", "the", "plot", "slash\\"]
 
@@ -86,7 +87,7 @@ def _random_dump(seed, num_ratings=600):
   for n in range(num_ratings):
     user = rng.choices(users, user_weights)[0]
     asin = rng.choices(asins, item_weights)[0]
-    time = rng.randrange(1_000_000, 1_000_400)
+    time = T0 + rng.randrange(400)
     reviews.append(_review_line(rng, user, asin, float(rng.randrange(1, 6)), time,
                                 compact=n % 97 == 5, trap=n % 89 == 7))
   meta = [_meta_line(a, None if k % 11 == 3 else f"Film {k} &amp; <i>More</i>")
@@ -125,16 +126,16 @@ def _reference_core(rows, c):
 
 
 def _reference_load(review_lines, meta_lines, c):
-  """The whole loader in plain Python: titled items, earliest of each pair, core."""
+  """The whole loader in plain Python: titled items, latest of each pair, core."""
   titles = {}
   for line in meta_lines:
     record = json.loads(line)
     titles.setdefault(record["asin"], clean_text(record.get("title", "")))
   rows = [r for r in _json_reviews(review_lines) if titles.get(r[1])]
-  first = {}
+  latest = {}
   for r in sorted(rows, key=lambda r: (r[0], r[1], r[3], r[4])):
-    first.setdefault((r[0], r[1]), r)
-  rows = sorted(first.values(), key=lambda r: r[4])
+    latest[(r[0], r[1])] = r
+  rows = sorted(latest.values(), key=lambda r: r[4])
   return _reference_core(rows, c), titles
 
 
@@ -227,14 +228,14 @@ def test_gz_and_plain_give_the_same_data(tmp_path):
 def _warts_dump(folder):
   rng = random.Random(7)
   reviews = [
-      _review_line(rng, "A1", "B01", 5.0, 100),
-      _review_line(rng, "A1", "B02", 4.0, 200),
-      _review_line(rng, "A2", "B01", 2.0, 150),
-      _review_line(rng, "A1", "B01", 1.0, 50),        # repeat of (A1, B01), earlier: kept
-      _review_line(rng, "A2", "B03", 3.0, 300),       # B03 has no title
-      _review_line(rng, "A2", "B01", 5.0, 150),       # same-time repeat: the first stays
-      _review_line(rng, "A3", "B04", 4.0, 400),       # B04's first record has a blank title
-      _review_line(rng, "A3", "B02", 1.0, 120, compact=True),
+      _review_line(rng, "A1", "B01", 5.0, T0 + 100),
+      _review_line(rng, "A1", "B02", 4.0, T0 + 200),
+      _review_line(rng, "A2", "B01", 2.0, T0 + 150),
+      _review_line(rng, "A1", "B01", 1.0, T0 + 50),   # repeat of (A1, B01), earlier: dropped
+      _review_line(rng, "A2", "B03", 3.0, T0 + 300),  # B03 has no title
+      _review_line(rng, "A2", "B01", 5.0, T0 + 150),  # same-time repeat: the later line stays
+      _review_line(rng, "A3", "B04", 4.0, T0 + 400),  # B04's first record has a blank title
+      _review_line(rng, "A3", "B02", 1.0, T0 + 120, compact=True),
   ]
   meta = [
       _meta_line("B01", "Some Film &amp; More <span class=\"x\">(DVD)</span>"),
@@ -250,8 +251,8 @@ def _warts_dump(folder):
 def test_warts(tmp_path):
   _warts_dump(tmp_path)
   raw = amazon.load(_cfg(tmp_path, **NO_CORE))
-  assert sorted(_rows(raw)) == [("A1", "B01", 1.0, 50), ("A1", "B02", 4.0, 200),
-                                ("A2", "B01", 2.0, 150), ("A3", "B02", 1.0, 120)]
+  assert sorted(_rows(raw)) == [("A1", "B01", 5.0, T0 + 100), ("A1", "B02", 4.0, T0 + 200),
+                                ("A2", "B01", 5.0, T0 + 150), ("A3", "B02", 1.0, T0 + 120)]
   assert raw.items == {
       "B01": {"title": "Some Film & More (DVD)", "categories": ["Movies & TV", "Movies"]},
       "B02": {"title": "Café Noir", "categories": ["Movies & TV", "Drama"]}}
@@ -270,7 +271,7 @@ def test_untitled_item_is_an_error_when_asked(tmp_path):
 
 def _good_lines(n=6):
   rng = random.Random(3)
-  return [_review_line(rng, f"A{k}", "B01", 4.0, 1000 + k) for k in range(n)]
+  return [_review_line(rng, f"A{k}", "B01", 4.0, T0 + k) for k in range(n)]
 
 
 BAD_LINES = {

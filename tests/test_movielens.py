@@ -19,9 +19,18 @@ def data_config(name, path, **overrides):
   return cfg
 
 
+def keep_latest(rows):
+  """Of each (user, item) the row with the newest timestamp (the later row on a tie)."""
+  latest = {}
+  for n, row in enumerate(rows):
+    if row[:2] not in latest or row[3] >= rows[latest[row[:2]]][3]:
+      latest[row[:2]] = n
+  return [rows[n] for n in sorted(latest.values())]
+
+
 def reference_samples(rows, min_history=5, threshold=3):
   """Pure-Python samples: rows (user, item, rating, ts) -> list per split of (u, i, label, hist)."""
-  rows = sorted(rows, key=lambda r: (r[3], r[0], r[1]))
+  rows = sorted(keep_latest(rows), key=lambda r: (r[3], r[0], r[1]))
   seen = collections.defaultdict(list)
   samples = []
   for user, item, rating, ts in rows:
@@ -75,12 +84,14 @@ def test_max_history_keeps_the_most_recent(ml100k_path):
 ML1M_MOVIES = [(1, "Toy Story (1995)", "Animation|Children's|Comedy"),
                (2, "Misérables, Les (1995)", "Drama|Musical"),
                (3, "Shawshank Redemption, The (1994)", "Drama"),
-               (4, "Unrated Film (2000)", "Comedy")]
+               (4, "Unrated Film (2000)", "Comedy")] + [
+                   (i, f"Film {i} (199{i % 10})", "Drama|Thriller") for i in range(5, 31)]
 ML1M_USERS = [(1, "F", 1, 10, "48067"), (2, "M", 56, 16, "70072"), (3, "M", 25, 15, "55117-1234")]
 
 
-def random_ratings(seed=0, n_users=3, n_items=4, per_user=(7, 9, 11)):
-  """Ratings with tied timestamps (the sort must break ties by user, then item)."""
+def random_ratings(seed=0, n_users=3, n_items=30, per_user=(9, 12, 14)):
+  """Ratings with tied timestamps (the sort must break ties by user, then item) and a few
+  repeated (user, item) pairs."""
   rng = np.random.default_rng(seed)
   rows = []
   for user, n in zip(range(1, n_users + 1), per_user):
@@ -153,7 +164,8 @@ def test_unknown_ids_can_be_dropped(tmp_path):
   with pytest.raises(data.DataError, match=rf"ratings.dat:{len(rows)}: .*unknown item 99"):
     data.prepare(data_config("ml1m", folder))
   ds = data.prepare(data_config("ml1m", folder, unknown_ids="drop"))
-  assert ds.meta["num_ratings"] == len(rows) - 1 and "dropped 1 ratings" in ds.meta["notes"][0]
+  assert ds.meta["num_ratings"] == len(keep_latest(rows[:-1]))
+  assert "dropped 1 ratings" in ds.meta["notes"][0]
 
 
 def test_train_interactions_stop_before_validation(tmp_path):
@@ -161,7 +173,7 @@ def test_train_interactions_stop_before_validation(tmp_path):
   ds = data.prepare(data_config("ml1m", write_ml1m(tmp_path / "ml", rows)))
   user, item = ds.train_interactions()
   first_held = min(ds.splits["valid"].timestamp.min(), ds.splits["test"].timestamp.min())
-  expected = sorted((u, i) for u, i, _, ts in rows if ts < first_held)
+  expected = sorted((u, i) for u, i, _, ts in keep_latest(rows) if ts < first_held)
   raw_user = [u["raw_id"] for u in ds.users]
   raw_item = [it["raw_id"] for it in ds.items]
   assert sorted((raw_user[u], raw_item[i]) for u, i in zip(user, item)) == expected

@@ -8,8 +8,9 @@ one `{...}` object a line), is parsed line by line with `json.loads` instead, wh
 the first bad line. The regexes check the syntax of those four fields and each line's braces,
 not the JSON of the rest of the line (the review text).
 
-Ratings are kept when their item has a metadata title, once per (user, item), and inside the
-iterative core filter of `data.amazon` (see `core_filter`).
+Every review must have non-empty ids, an `overall` of 1..5 whole stars and a `unixReviewTime`
+from 1990-01-01 to tomorrow. Ratings are kept when their item has a metadata title, the latest
+of each (user, item), and inside the iterative core filter of `data.amazon` (see `core_filter`).
 """
 import gzip
 import json
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from rallrec_jax.data.errors import DataError
-from rallrec_jax.data.raw import RawData, clean_text
+from rallrec_jax.data.raw import (RawData, check_scale, check_times, check_values, clean_text,
+                                  latest_per_pair)
 
 CHUNK_BYTES = 1 << 26
 
@@ -80,11 +82,12 @@ def load(cfg):
   reviews, meta = input_files(cfg)
   titled = _read_meta(meta)
   user, item, rating, timestamp = _read_reviews(reviews)
+  _check_reviews(reviews, user, item, rating, timestamp)
   user_ids, user = np.unique(user, return_inverse=True)
   asins, item = np.unique(item, return_inverse=True)
   notes = []
   rows = np.flatnonzero(_has_title(asins, item, titled, cfg.unknown_ids, reviews, notes))
-  rows = rows[_first_per_pair(user[rows], item[rows], timestamp[rows], notes)]
+  rows = rows[latest_per_pair(user[rows], item[rows], timestamp[rows], notes)]
   before = _sizes(user[rows], item[rows])
   rows = rows[core_filter(user[rows], item[rows], cfg.amazon)]
   notes.append(_core_note(cfg.amazon, before, _sizes(user[rows], item[rows])))
@@ -107,21 +110,12 @@ def _has_title(asins, item, titled, policy, path, notes):
   return mask
 
 
-def _first_per_pair(user, item, timestamp, notes):
-  """Mask of the earliest rating of each (user, item); ties keep the first in the file.
-
-  A later repeat of a review would put the pair's label into the user's own history, which
-  leaks it to the model.
-  """
-  pair = user.astype(np.int64) * (int(item.max(initial=0)) + 1) + item
-  order = np.lexsort((timestamp, pair))
-  first = np.ones(len(order), dtype=bool)
-  first[1:] = np.diff(pair[order]) != 0
-  mask = np.zeros(len(order), dtype=bool)
-  mask[order[first]] = True
-  notes.append(f"dropped {len(mask) - int(mask.sum())} repeated (user, item) ratings, "
-               f"keeping the earliest")
-  return mask
+def _check_reviews(path, user, item, rating, timestamp):
+  """Each review's values inside the dataset's domain; row i is line i + 1."""
+  check_values(user, np.strings.str_len(user) > 0, path, "reviewerID", "a non-empty string")
+  check_values(item, np.strings.str_len(item) > 0, path, "asin", "a non-empty string")
+  check_scale(rating, 1, 5, path, "overall")
+  check_times(timestamp, path, "unixReviewTime")
 
 
 def core_filter(user, item, cfg_amazon):

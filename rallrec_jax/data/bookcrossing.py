@@ -51,7 +51,8 @@ def load(cfg):
   """Ratings, books and users of the dump at `cfg.path` (a folder or BX-CSV-Dump.zip).
 
   Ratings of books or users missing from their files are dropped with a note, or raise,
-  per `cfg.unknown_ids`. Users are not filtered by history length: the build step does that.
+  per `cfg.unknown_ids`; of a book a user rated twice the later row is kept. Users are not
+  filtered by history length: the build step does that.
   """
   source = raw.Source(cfg.path)
   items = _books(source, cfg)
@@ -62,6 +63,7 @@ def load(cfg):
   user_ok = raw.check_known(user, users, where, "user", cfg.unknown_ids, 2)
   keep = book_ok & user_ok
   notes = _drop_notes(int((~book_ok).sum()), int((book_ok & ~user_ok).sum()))
+  keep[keep] = raw.latest_per_pair(user[keep], item[keep], np.flatnonzero(keep), notes)
   return raw.RawData(user=user[keep], item=item[keep], rating=rating[keep].astype(np.float32),
                      timestamp=np.arange(int(keep.sum()), dtype=np.int64), items=items,
                      users=users, notes=notes)
@@ -160,6 +162,9 @@ def _users(source, cfg):
   users = {}
   for m in _rows(body, where, (_USER_ROW,), expected):
     uid, location, age = m.groups()
+    if not 1 <= int(uid) <= raw.MAX_ID:
+      raise DataError(where, f"User-ID must be a positive integer below 2**63, got {uid[:40]!r}",
+                      _line(body, m.start()))
     location = _text(location)
     users.setdefault(int(uid), {"location": location, "country": _country(location),
                                 "age": None if age is None else int(age)})
@@ -182,10 +187,8 @@ def _ratings(source, cfg):
   fields = body.upper()[1:-1].replace('"\n"', '";"').split('";"')
   user = np.array(fields[0::3], dtype=np.int64)
   rating = np.array(fields[2::3], dtype=np.int64)
-  bad = np.flatnonzero(rating > _MAX_RATING)
-  if bad.size:
-    raise DataError(where, f"Book-Rating must be 0..{_MAX_RATING}, got {rating[bad[0]]}",
-                    2 + int(bad[0]))
+  raw.check_ids(user, where, "User-ID", 2)
+  raw.check_scale(rating, 0, _MAX_RATING, where, "Book-Rating", 2)
   return user, _unescape_all(np.array(fields[1::3])), rating
 
 

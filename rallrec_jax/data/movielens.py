@@ -4,6 +4,9 @@ ML-100K: u.data (tab: user, item, rating, timestamp), u.item (`|`: id, title, re
 video release date, IMDb URL, 19 genre flags), u.user (`|`: id, age, gender, occupation, zip).
 ML-1M: ratings.dat, movies.dat (id::title::genre|genre), users.dat (id::gender::age::occupation
 code::zip), all `::`-separated and latin-1.
+
+A rating must name positive user and item ids, be 1..5 whole stars and carry a timestamp from
+1990-01-01 to tomorrow (see `raw.check_times`); anything else is a DataError naming its line.
 """
 import numpy as np
 
@@ -30,18 +33,22 @@ ML1M_FILES = ("ratings.dat", "movies.dat", "users.dat")
 
 
 def _ratings(source, name, sep, cfg, items, users):
+  """The ratings file, checked row by row; of a repeated (user, item) the latest is kept."""
   where = source.where(name)
   table = raw.parse_numeric_table(source.read(name), where, sep, RATING_COLUMNS, dtype=np.int64)
-  user, item, timestamp = table[:, 0], table[:, 1], table[:, 3]
-  rating = table[:, 2].astype(np.float32)
+  user, item, rating, timestamp = table.T
+  raw.check_ids(user, where, "user")
+  raw.check_ids(item, where, "item")
+  raw.check_scale(rating, 1, 5, where, "rating")
+  raw.check_times(timestamp, where)
   keep = (raw.check_known(item, items.keys(), where, "item", cfg.unknown_ids)
           & raw.check_known(user, users.keys(), where, "user", cfg.unknown_ids))
-  data = raw.RawData(user=user, item=item, rating=rating, timestamp=timestamp, items=items,
-                     users=users)
+  notes = []
   if not keep.all():
-    data = data.select(keep)
-    data.notes.append(f"dropped {int((~keep).sum())} ratings naming unknown items or users")
-  return data
+    notes.append(f"dropped {int((~keep).sum())} ratings naming unknown items or users")
+  keep[keep] = raw.latest_per_pair(user[keep], item[keep], timestamp[keep], notes)
+  return raw.RawData(user=user[keep], item=item[keep], rating=rating[keep].astype(np.float32),
+                     timestamp=timestamp[keep], items=items, users=users, notes=notes)
 
 
 def _rows(source, name, sep, ncols, encoding):
@@ -59,6 +66,9 @@ def _rows(source, name, sep, ncols, encoding):
       key = int(fields[0])
     except ValueError:
       raise DataError(where, f"id is not an integer: {fields[0][:40]!r}", i) from None
+    if not 1 <= key <= raw.MAX_ID:
+      raise DataError(where, f"id must be a positive integer below 2**63, got {fields[0][:40]!r}",
+                      i)
     rows.append((i, key, fields))
   return rows
 

@@ -5,10 +5,12 @@ profile fields of each raw item and user. Canonical ids, timelines and samples a
 it by `rallrec_jax.data.build`, the same way for every dataset.
 """
 import dataclasses
+import datetime
 import gzip
 import io
 import math
 import re
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -16,6 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from rallrec_jax.data.errors import DataError
+
+EARLIEST_TIME = 631152000   # 1990-01-01 00:00:00 UTC: no dataset here has older ratings
+DAY = 86400
+MAX_ID = np.iinfo(np.int64).max
 
 
 @dataclasses.dataclass
@@ -148,7 +154,7 @@ def parse_numeric_table(data, where, sep, columns, header=False, dtype=np.float6
     try:
       values = np.loadtxt(io.BytesIO(text), delimiter="\t", dtype=dtype, ndmin=2,
                           comments=None)
-    except ValueError:
+    except (ValueError, OverflowError):
       values = None
   if values is None or values.shape != (rows, ncol) or not np.isfinite(values).all():
     _raise_first_bad_line(data, where, sep, columns, first, dtype)
@@ -163,15 +169,24 @@ def _raise_first_bad_line(data, where, sep, columns, first, dtype):
       raise DataError(where, f"expected {len(columns)} fields ({', '.join(columns)}) separated by "
                       f"{sep.decode()!r}, found {len(fields)} in {shown!r}", first + i)
     for name, field in zip(columns, fields):
-      integral = np.issubdtype(dtype, np.integer)
-      kind = "an integer" if integral else "a number"
-      try:
-        if not math.isfinite(int(field) if integral else float(field)):
-          raise ValueError
-      except ValueError:
-        raise DataError(where, f"{name} is not {kind}: {field[:40].decode('latin-1')!r}",
-                        first + i) from None
+      _check_field(field, name, dtype, where, first + i)
   raise DataError(where, "could not parse the file as a numeric table")
+
+
+def _check_field(field, name, dtype, where, line):
+  """A DataError naming `line` when `field` is not a number that fits `dtype`."""
+  integral = np.issubdtype(dtype, np.integer)
+  kind = "an integer" if integral else "a number"
+  shown = field[:40].decode("latin-1")
+  try:
+    value = int(field) if integral else float(field)
+    if not math.isfinite(value):
+      raise ValueError
+  except ValueError:
+    raise DataError(where, f"{name} is not {kind}: {shown!r}", line) from None
+  if integral and not np.iinfo(dtype).min <= value <= np.iinfo(dtype).max:
+    raise DataError(where, f"{name} is out of range: {shown!r} (at most {np.iinfo(dtype).max})",
+                    line)
 
 
 def check_known(ids, known, where, what, policy, first_line=1):
@@ -188,6 +203,71 @@ def check_known(ids, known, where, what, policy, first_line=1):
     raise DataError(where, f"rating names unknown {what} {ids[i].item()!r} (not in the {what} file; "
                     f"set data.unknown_ids='drop' to skip such ratings)", first_line + i)
   return mask
+
+
+def check_values(values, ok, where, name, expected, first_line=1):
+  """A DataError naming the first row where `ok` is false, as `{name} must be {expected}`."""
+  if not ok.all():
+    i = int(np.flatnonzero(~ok)[0])
+    raise DataError(where, f"{name} must be {expected}, got {values[i].item()!r}", first_line + i)
+
+
+def check_ids(ids, where, name, first_line=1):
+  """Every id a positive integer."""
+  check_values(ids, ids >= 1, where, name, "a positive integer", first_line)
+
+
+def check_scale(values, low, high, where, name, first_line=1):
+  """Every value a whole number in low..high (the dataset's rating scale)."""
+  ok = (values >= low) & (values <= high) & (values == np.floor(values))
+  check_values(values, ok, where, name, f"a whole number in {low}..{high}", first_line)
+
+
+def check_times(timestamp, where, name="timestamp", first_line=1):
+  """Every timestamp (seconds since 1970) between 1990-01-01 and a day from now."""
+  latest = int(time.time()) + DAY
+  ok = (timestamp >= EARLIEST_TIME) & (timestamp <= latest)
+  last_day = datetime.datetime.fromtimestamp(latest, datetime.timezone.utc).date()
+  check_values(timestamp, ok, where, name, f"seconds since 1970 between 1990-01-01 and "
+               f"{last_day}", first_line)
+
+
+def latest_per_pair(user, item, timestamp, notes):
+  """Mask of the latest rating of each (user, item): the newest timestamp, then the last row.
+
+  A repeated pair would put the rating's own label in the user's history. The number dropped
+  goes to `notes` when there are any.
+  """
+  user, _ = _codes(user)
+  item, num_items = _codes(item)
+  pair = user * num_items + item
+  keep = np.ones(len(pair), dtype=bool)
+  if not _has_repeats(pair, int(user.max(initial=0) + 1) * num_items):
+    return keep
+  order = np.lexsort((timestamp, pair))
+  keep[order[:-1][pair[order][1:] == pair[order][:-1]]] = False
+  notes.append(f"dropped {len(keep) - int(keep.sum())} repeated (user, item) ratings, "
+               f"keeping the latest")
+  return keep
+
+
+def _codes(ids):
+  """Integer codes of `ids` (numbers or strings), ordered like them, and their bound."""
+  if np.issubdtype(ids.dtype, np.integer) and len(ids):
+    low, high = int(ids.min()), int(ids.max())
+    if high - low < 1 << 31:
+      return ids.astype(np.int64) - low, high - low + 1
+  codes = np.unique(ids, return_inverse=True)[1].astype(np.int64).reshape(-1)
+  return codes, max(len(ids), 1)
+
+
+def _has_repeats(pair, size):
+  """Whether a code of `pair` (each below `size`) occurs twice; a table when `size` is small."""
+  if size <= 8 * len(pair) + (1 << 24):
+    seen = np.zeros(size, dtype=bool)
+    seen[pair] = True
+    return int(np.count_nonzero(seen)) < len(pair)
+  return len(np.unique(pair)) < len(pair)
 
 
 _HTML_TAG = re.compile(r"<[^>]+>")
