@@ -50,6 +50,7 @@ class Stage:
   external_inputs: Callable = lambda cfg: []   # raw files it reads
   version: int = 1                 # bump when the stage's code changes its outputs
   distributed: bool = False        # runs on every process of a multi-host job (else process 0)
+  needed: Callable = lambda cfg: True   # False: nothing reads it, so a full run leaves it out
 
 
 def _prepare(cfg, workdir):
@@ -93,7 +94,8 @@ register(Stage(
     name="describe",
     help="generate an LLM description of every item (resumable): writes descriptions.jsonl",
     run=stages.describe, config_keys=("describe", "model"), deps=("prepare",),
-    outputs=("descriptions.jsonl",), external_inputs=stages.model_files))
+    outputs=("descriptions.jsonl",), external_inputs=stages.model_files,
+    needed=lambda cfg: cfg.embed.source == "description"))
 register(Stage(
     name="embed",
     help="mean-pooled LLM hidden states of each item's description (or plain template), PCA: "
@@ -286,10 +288,10 @@ def _is_current(stage, workdir, manifest, expected):
   return len(outputs) == len(stage.outputs) and outputs == manifest.get("outputs")
 
 
-def select(names):
-  """Stages to run, in registry order; None means all."""
+def select(names, cfg=None):
+  """Stages to run, in registry order; None means all (those `cfg` needs, when given)."""
   if not names:
-    return list(STAGES.values())
+    return [s for s in STAGES.values() if cfg is None or s.needed(cfg)]
   unknown = [n for n in names if n not in STAGES]
   if unknown:
     raise PipelineError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
@@ -311,7 +313,7 @@ def run(cfg, workdir, stages=None, force=False, wait_timeout_s=None):
   workdir = Path(workdir)
   primary = distributed.is_primary()
   run_id = _run_id()
-  selected = select(stages)
+  selected = select(stages, cfg)
   for stage in selected:  # missing raw files fail here, before anything is written
     stage.external_inputs(cfg)
   if primary:

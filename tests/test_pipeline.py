@@ -134,6 +134,15 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=120)
 
 
+def test_a_full_run_leaves_out_descriptions_nothing_reads():
+  cfg = config_lib.base_config()
+  names = lambda: [s.name for s in pipeline.select(None, cfg)]
+  assert names() == list(pipeline.STAGES)
+  cfg.embed.source = "template"
+  assert names() == [n for n in pipeline.STAGES if n != "describe"]
+  assert [s.name for s in pipeline.select(["describe"], cfg)] == ["describe"]
+
+
 def test_help_lists_the_stages_and_what_they_write():
   out = _cli("--help")
   assert out.returncode == 0
