@@ -230,7 +230,8 @@ def _train(lm, step_fn, state, meta, step, mngr, train_batches_fn, preempted, op
   per_token = (flops.full_train_flops_per_token if opts["full"]
                else flops.lora_train_flops_per_token)(lm.cfg, 0)
   batches = iter(train_batches_fn(meta["position"]))
-  bar = tqdm(total=steps, initial=step, disable=not opts["progress"], desc="lora")
+  bar = tqdm(total=steps, initial=step, disable=not opts["progress"],
+             desc="full" if opts["full"] else "lora")
   start, first, loss, status = time.perf_counter(), step, None, "complete"
   while step < steps:
     tick = time.perf_counter()
