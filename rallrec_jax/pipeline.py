@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import secrets
+import shutil
 import textwrap
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ class Stage:
   version: int = 1                 # bump when the stage's code changes its outputs
   distributed: bool = False        # runs on every process of a multi-host job (else process 0)
   needed: Callable = lambda cfg: True   # False: nothing reads it, so a full run leaves it out
+  resumes: tuple = ()              # workdir-relative partial work it resumes from (--force clears)
 
 
 def _prepare(cfg, workdir):
@@ -95,7 +97,7 @@ register(Stage(
     help="generate an LLM description of every item (resumable): writes descriptions.jsonl",
     run=stages.describe, config_keys=("describe", "model"), deps=("prepare",),
     outputs=("descriptions.jsonl",), external_inputs=stages.model_files,
-    needed=lambda cfg: cfg.embed.source == "description"))
+    needed=lambda cfg: cfg.embed.source == "description", resumes=("descriptions.jsonl",)))
 register(Stage(
     name="embed",
     help="mean-pooled LLM hidden states of each item's description (or plain template), PCA: "
@@ -109,7 +111,7 @@ register(Stage(
     help="LightGCN (BPR) on the interactions before the validation period, resumable: writes "
          "embeddings/cf.npy, cf/metrics.json (validation recall/NDCG)",
     run=stages.cf, config_keys=("cf",), deps=("prepare",),
-    outputs=("embeddings/cf.npy", "cf/metrics.json")))
+    outputs=("embeddings/cf.npy", "cf/metrics.json"), resumes=("cf/checkpoints",)))
 register(Stage(
     name="align",
     help="contrastive (InfoNCE) alignment of the text and CF views of train-period items: "
@@ -148,7 +150,8 @@ register(Stage(
          "resumable: writes checkpoints/, metrics.jsonl, finetune.json",
     run=stages.finetune, config_keys=("finetune", "model", "retrieval"),
     deps=("prepare", "mix", "retrieve"), outputs=("finetune.json",),
-    external_inputs=stages.model_files, distributed=True))
+    external_inputs=stages.model_files, distributed=True,
+    resumes=("checkpoints", "metrics.jsonl", "finetune.json")))
 register(Stage(
     name="evaluate",
     help="P(yes) of a checkpoint (eval.checkpoint: best, latest, STEP, a folder, or none for "
@@ -255,6 +258,56 @@ def _expected(stage, cfg, workdir):
           "deps": deps}
 
 
+def _check_upstream(selected, cfg, workdir):
+  """Name at once every stage that the selection needs but that has not run or is stale."""
+  names = {s.name for s in selected}
+  missing = {}
+
+  def visit(stage):
+    for dep in deps_of(stage, cfg):
+      if dep in names or dep in missing:
+        continue
+      missing[dep] = _upstream_problem(dep, cfg, workdir)
+      if missing[dep]:
+        visit(STAGES[dep])
+
+  for stage in selected:
+    visit(stage)
+  problems = [(n, missing[n]) for n in STAGES if missing.get(n)]
+  if problems:
+    said = "; ".join(f"{n!r} {why}" for n, why in problems)
+    raise PipelineError(f"the selected stages need the artifacts of stages that are not ready in "
+                        f"{workdir} ({said}): add {','.join(n for n, _ in problems)} to --stages")
+
+
+def _upstream_problem(name, cfg, workdir):
+  """Why stage `name`'s artifacts cannot be used ("" when they are current)."""
+  manifest = read_manifest(workdir, name)
+  if manifest is None:
+    return "has not run"
+  try:
+    current = _is_current(STAGES[name], workdir, manifest, _expected(STAGES[name], cfg, workdir))
+  except PipelineError:
+    current = False
+  return "" if current else "is out of date for this config"
+
+
+def _clear_partial_work(stage, workdir):
+  """Remove what `stage` would resume from, so that --force starts it afresh."""
+  removed = []
+  for rel in stage.resumes:
+    path = Path(workdir) / rel
+    if path.is_dir():
+      shutil.rmtree(path)
+    elif path.exists():
+      path.unlink()
+    else:
+      continue
+    removed.append(rel)
+  if removed:
+    log.info("%s: --force: starting afresh, removed %s", stage.name, ", ".join(removed))
+
+
 def _outputs(stage, workdir):
   return {out: fingerprint(Path(workdir) / out) for out in stage.outputs
           if (Path(workdir) / out).exists()}
@@ -316,6 +369,7 @@ def run(cfg, workdir, stages=None, force=False, wait_timeout_s=None):
   selected = select(stages, cfg)
   for stage in selected:  # missing raw files fail here, before anything is written
     stage.external_inputs(cfg)
+  _check_upstream(selected, cfg, workdir)
   if primary:
     workdir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2) + "\n")
@@ -330,6 +384,10 @@ def run(cfg, workdir, stages=None, force=False, wait_timeout_s=None):
       status[stage.name] = "skipped"
       continue
     status[stage.name] = "ran"
+    if force and stage.resumes:
+      if primary:
+        _clear_partial_work(stage, workdir)
+      distributed.barrier(f"force-{stage.name}")
     if not primary:
       if stage.distributed:
         stage.run(cfg, workdir)

@@ -63,7 +63,8 @@ def test_downstream_stage_needs_a_current_upstream(tmp_path, folder, monkeypatch
                                    outputs=("count.txt",)))
   workdir = tmp_path / "w"
   cfg = ml1m_config(folder)
-  with pytest.raises(pipeline.PipelineError, match="needs the artifacts of 'prepare'.*--stages"):
+  with pytest.raises(pipeline.PipelineError,
+                     match="'prepare' has not run\\): add prepare to --stages"):
     pipeline.run(cfg, workdir, stages=["count"])
   both = ["prepare", "count"]
   assert pipeline.run(cfg, workdir, stages=both) == {"prepare": "ran", "count": "ran"}
@@ -72,9 +73,47 @@ def test_downstream_stage_needs_a_current_upstream(tmp_path, folder, monkeypatch
   assert pipeline.run(cfg, workdir, stages=["count"]) == {"count": "ran"}
   assert calls == [30, 7]
   cfg.data.min_history = 3
-  with pytest.raises(pipeline.PipelineError, match="'prepare', whose artifacts .* out of date"):
+  with pytest.raises(pipeline.PipelineError, match=r"'prepare' is out of date for this config\)"):
     pipeline.run(cfg, workdir, stages=["count"])
   assert pipeline.run(cfg, workdir, stages=both) == {"prepare": "ran", "count": "ran"}
+
+
+def test_every_missing_upstream_stage_is_named_at_once(tmp_path, folder):
+  cfg = ml1m_config(folder)
+  cfg.embed.source = "template"
+  with pytest.raises(pipeline.PipelineError,
+                     match="add prepare,embed,cf,align,mix to --stages$"):
+    pipeline.run(cfg, tmp_path / "w", stages=["retrieve"])
+  cfg.embed.source = "description"
+  with pytest.raises(pipeline.PipelineError, match="add prepare,describe,embed,cf,align "):
+    pipeline.run(cfg, tmp_path / "w", stages=["retrieve", "mix"])
+  assert not (tmp_path / "w").exists()
+
+
+def test_force_starts_a_resumable_stage_afresh(tmp_path, folder, monkeypatch, caplog):
+  found = []
+
+  def resumable(cfg, workdir):
+    found.append(sorted(p.name for p in (workdir / "partial").glob("*")))
+    (workdir / "partial").mkdir(exist_ok=True)
+    (workdir / "partial" / f"step{len(found)}").write_text("state")
+    (workdir / "done.txt").write_text("done")
+
+  monkeypatch.setattr(pipeline, "STAGES", dict(pipeline.STAGES))
+  pipeline.register(pipeline.Stage(name="train", help="writes done.txt", run=resumable,
+                                   deps=("prepare",), outputs=("done.txt",),
+                                   resumes=("partial",)))
+  workdir = tmp_path / "w"
+  cfg = ml1m_config(folder)
+  pipeline.run(cfg, workdir, stages=["prepare", "train"])
+  (workdir / "partial" / "step1").rename(workdir / "partial" / "kept")
+  assert pipeline.run(cfg, workdir, stages=["train"]) == {"train": "skipped"}
+  (workdir / "manifests" / "train.json").unlink()
+  pipeline.run(cfg, workdir, stages=["train"])
+  with caplog.at_level("INFO", logger=pipeline.log.name):
+    pipeline.run(cfg, workdir, stages=["train"], force=True)
+  assert found == [[], ["kept"], []]
+  assert "train: --force: starting afresh, removed partial" in caplog.text
 
 
 def test_execution_keys_neither_rerun_nor_restart(tmp_path, folder, monkeypatch):
