@@ -24,7 +24,7 @@ from typing import Callable
 from rallrec_jax import atomic
 from rallrec_jax import config as config_lib
 from rallrec_jax import data, distributed, stages
-from rallrec_jax.eval import baselines
+from rallrec_jax.eval import baselines, metrics
 
 log = logging.getLogger("rallrec_jax")
 
@@ -177,7 +177,7 @@ def results_table(workdir):
     if path.stem.endswith(baselines.SUFFIX):
       continue
     m = json.loads(path.read_text())
-    lines.append((path.stem, m, f"{m.get('checkpoint')} (step {m.get('step')})"))
+    lines.append((path.stem, m, metrics.checkpoint_label(m.get("checkpoint"), m.get("step"))))
     extra = baselines.path(workdir, path.stem)
     if extra.is_file():
       for name, b in json.loads(extra.read_text()).items():

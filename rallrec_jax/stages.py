@@ -17,7 +17,7 @@ from rallrec_jax import atomic, data, distributed, parallel
 from rallrec_jax import config as config_lib
 from rallrec_jax.align import contrastive, mix as mix_lib
 from rallrec_jax.cf import lightgcn
-from rallrec_jax.eval import baselines, evaluate
+from rallrec_jax.eval import baselines, evaluate, metrics
 from rallrec_jax.llm import load_pretrained, lora, tiny
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import candidates, history, index as index_lib
@@ -415,9 +415,9 @@ def evaluate_stage(cfg, workdir):
     metrics_dict = {**evaluate.evaluate_split(examples["label"], logits, temperature),
                     "step": step, "checkpoint": choice}
     scores = evaluate.sigmoid(evaluate.logit_gap(logits))
-    log.info("evaluate: %s (checkpoint %s, step %s): auc %.4f logloss %.4f acc %.4f n %d", split,
-             choice, step, metrics_dict["auc"], metrics_dict["logloss"], metrics_dict["acc"],
-             metrics_dict["n"])
+    log.info("evaluate: %s (checkpoint %s): auc %.4f logloss %.4f acc %.4f n %d", split,
+             metrics.checkpoint_label(choice, step), metrics_dict["auc"], metrics_dict["logloss"],
+             metrics_dict["acc"], metrics_dict["n"])
     if primary:
       evaluate.write_eval(workdir, split, metrics_dict, examples["sample"],
                           examples["label"], scores)

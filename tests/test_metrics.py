@@ -28,3 +28,8 @@ def test_auc_edge_cases():
   assert metrics.auc([0, 1], [0.5, 0.5]) == 0.5
   with pytest.raises(ValueError, match="both positive and negative"):
     metrics.auc([1, 1], [0.1, 0.2])
+
+
+def test_checkpoint_label_names_zero_shot_rows():
+  assert metrics.checkpoint_label("best", 256) == "best (step 256)"
+  assert metrics.checkpoint_label("none", None) == "none (zero-shot)"

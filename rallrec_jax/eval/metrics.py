@@ -40,3 +40,8 @@ def accuracy(labels, probabilities, threshold=0.5):
 def all_metrics(labels, probabilities):
   return {"auc": auc(labels, probabilities), "logloss": logloss(labels, probabilities),
           "acc": accuracy(labels, probabilities), "n": int(len(labels))}
+
+
+def checkpoint_label(checkpoint, step):
+  """How a result names the weights it scored: 'best (step 256)', or 'none (zero-shot)'."""
+  return f"{checkpoint} (zero-shot)" if step is None else f"{checkpoint} (step {step})"
