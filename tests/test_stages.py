@@ -196,3 +196,7 @@ def test_tiny_tokenizer_reads_every_word_of_the_prompts(run):
     assert not any(unk in ids for ids in examples["input_ids"]), split
   words = set(lm.tokenizer.convert_ids_to_tokens(examples["input_ids"][0]))
   assert {"*", "stars", "watched", "ONLY"} <= words
+  cfg.embed.source = "template"
+  embedded = lm.tokenizer(stages.item_texts(cfg, workdir, dataset)).input_ids
+  assert not any(unk in ids for ids in embedded)
+  assert {"Here", "Its"} <= set(lm.tokenizer.convert_ids_to_tokens(embedded[0]))
