@@ -6,11 +6,12 @@
 Each setting runs `python -m rallrec_jax.main --config CONFIG[:ARG] --workdir ROOT/NAME
 --config.key=value ...` (NAME is made of its overrides, `default` for the config as is), one
 after another, stopping at the first failure (its exit code) unless --keep-going. A setting
-whose ROOT/NAME already holds the evaluate manifest and eval/{split}.json of every split is
-skipped (unless the extra flags hold --force). Local runs use this interpreter and check the
-whole config (data paths included) before the first run starts. --dry-run prints one command
-per line (done ones as `# skip (done): ...`) and checks only the override keys. --tpu hands
-each run to launch/tpu_vm.sh on an existing TPU VM, where `python` is its checkout's .venv.
+whose ROOT/NAME already holds the evaluate manifest and eval/{checkpoint}/{split}.json of
+every split is skipped (unless the extra flags hold --force). Local runs use this interpreter
+and check the whole config (data paths included) before the first run starts. --dry-run
+prints one command per line (done ones as `# skip (done): ...`) and checks only the override
+keys. --tpu hands each run to launch/tpu_vm.sh on an existing TPU VM, where `python` is its
+checkout's .venv.
 """
 import argparse
 import os

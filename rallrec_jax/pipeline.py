@@ -24,7 +24,7 @@ from typing import Callable
 from rallrec_jax import atomic
 from rallrec_jax import config as config_lib
 from rallrec_jax import data, distributed, stages
-from rallrec_jax.eval import baselines, metrics
+from rallrec_jax.eval import baselines, evaluate, metrics
 
 log = logging.getLogger("rallrec_jax")
 
@@ -157,43 +157,52 @@ register(Stage(
     help="P(yes) of a checkpoint (eval.checkpoint: best, latest, STEP, a folder, or none for "
          "zero-shot) on eval.splits, and non-LLM baselines fitted on the train split (item "
          "like-rate, user like-rate and mean rating of the prompt's history, a logistic "
-         "regression on the three) on the same rows: writes eval/{split}.json, "
-         "eval/{split}_predictions.npz and eval/{split}_baselines.json",
+         "regression on the three) on the same rows: writes eval/{checkpoint}/{split}.json, "
+         "{split}_predictions.npz and {split}_baselines.json, one folder per checkpoint "
+         "choice (best, latest, step-N, none, folder-...)",
     run=stages.evaluate_stage, config_keys=("eval", "finetune", "model", "retrieval"),
     deps=lambda cfg: ("prepare", "retrieve") if str(cfg.eval.checkpoint) == "none" else (
         "prepare", "retrieve", "finetune"),
-    outputs=("eval",), external_inputs=stages.model_files, version=2, distributed=True))
+    outputs=("eval",), external_inputs=stages.model_files, version=3, distributed=True))
 
 
 def _number(value):
   return "-" if value is None else f"{value:.4f}"
 
 
-def results_table(workdir):
-  """A text table of the workdir's eval/{split}.json files ("" when there are none), each
-  split's row followed by its eval/{split}_baselines.json rows with AUC(LLM) - AUC(baseline)."""
-  lines = []
-  for path in sorted((Path(workdir) / "eval").glob("*.json")):
-    if path.stem.endswith(baselines.SUFFIX):
-      continue
-    m = json.loads(path.read_text())
-    lines.append((path.stem, m, metrics.checkpoint_label(m.get("checkpoint"), m.get("step"))))
-    extra = baselines.path(workdir, path.stem)
-    if extra.is_file():
-      for name, b in json.loads(extra.read_text()).items():
-        low, high = b["auc_diff_ci"]
-        rank = b.get("spearman_llm")
-        lines.append((f"  baseline: {baselines.TITLES.get(name, name)}", b,
-                      f"LLM minus it {b['auc_diff']:+.4f} [{low:+.4f}, {high:+.4f}]"
-                      + ("" if rank is None else f", rank corr. with LLM {rank:+.2f}")))
-  if not lines:
+def results_table(workdir, checkpoint="best"):
+  """A text table of the workdir's evaluation of `checkpoint` (best, else the only one stored;
+  "" when there is none): each split's eval/{checkpoint}/{split}.json row, naming the
+  checkpoint, followed by its {split}_baselines.json rows with AUC(LLM) - AUC(baseline)."""
+  stored = evaluate.stored_results(workdir)
+  name = evaluate.choose(stored, checkpoint)
+  if name is None:
     return ""
+  lines = []
+  for split, path in sorted(stored[name].items()):
+    m = json.loads(path.read_text())
+    lines.append((split, m, metrics.checkpoint_label(m.get("checkpoint"), m.get("step"))))
+    extra = baselines.path(path.parent, split)
+    if extra.is_file():
+      lines += _baseline_lines(json.loads(extra.read_text()))
   width = max(6, *(len(label) for label, _, _ in lines))
   rows = [f"{label:<{width}} {m['auc']:.4f}  {_number(m['logloss']):>7}  "
           f"{_number(m.get('logloss_calibrated')):>10}  {_number(m['acc']):>6}  {m['n']:>6}  "
           f"{last}" for label, m, last in lines]
   header = f"{'split':<{width}} AUC     LogLoss  calibrated  ACC     n       checkpoint"
   return "\n".join([header] + rows)
+
+
+def _baseline_lines(table):
+  """(label, metrics, last column) of each baseline of a {split}_baselines.json table."""
+  lines = []
+  for name, b in table.items():
+    low, high = b["auc_diff_ci"]
+    rank = b.get("spearman_llm")
+    lines.append((f"  baseline: {baselines.TITLES.get(name, name)}", b,
+                  f"LLM minus it {b['auc_diff']:+.4f} [{low:+.4f}, {high:+.4f}]"
+                  + ("" if rank is None else f", rank corr. with LLM {rank:+.2f}")))
+  return lines
 
 
 def describe_stages():

@@ -1,16 +1,21 @@
 """A results report across pipeline runs: a markdown table with bootstrap CIs, and plots.
 
   python -m rallrec_jax.report W1 W2 ... [--out DIR] [--baseline W1] [--split test]
+      [--checkpoint best]
 
-Each workdir W needs W/config.json and the `evaluate` stage's W/eval/{split}.json and
-W/eval/{split}_predictions.npz. Runs are labelled by their folder name and the config leaves
-that differ between the runs given. DIR (default ./report) receives:
+Each workdir W needs W/config.json and the `evaluate` stage's W/eval/{checkpoint}/{split}.json
+and {split}_predictions.npz beside it. The checkpoint is best unless --checkpoint names another
+(latest, none, a step or its folder name step-N); a run evaluated on one checkpoint only is
+read from that one. A workdir from before the per-checkpoint folders has the files in W/eval/
+itself, read as the checkpoint they record. Runs are labelled by their folder name and the
+config leaves that differ between the runs given. DIR (default ./report) receives:
 
   report.md        one row per run: n, AUC with a 95% bootstrap CI, log loss (also after the
-                   validation-fitted temperature, when the run has it), accuracy, and the AUC
-                   difference to the baseline run with a 95% paired bootstrap CI; under a run
-                   with W/eval/{split}_baselines.json, one row per non-LLM baseline scored on
-                   the same rows, with AUC(LLM) - AUC(baseline) and its paired CI
+                   validation-fitted temperature, when the run has it), accuracy, the AUC
+                   difference to the baseline run with a 95% paired bootstrap CI, and the
+                   checkpoint scored; under a run with {split}_baselines.json beside its
+                   results, one row per non-LLM baseline scored on the same rows, with
+                   AUC(LLM) - AUC(baseline) and its paired CI
   roc.png          ROC curves, AUC in the legend
   calibration.png  reliability diagram (equal-count bins) over each run's score histogram
   auc_vs_k.png     AUC with its CI against retrieval.k, one line per setting of the other keys
@@ -21,6 +26,7 @@ import argparse
 import dataclasses
 import io
 import json
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -30,6 +36,7 @@ from matplotlib.figure import Figure
 
 from rallrec_jax import atomic
 from rallrec_jax.eval import baselines, bootstrap, metrics
+from rallrec_jax.eval import evaluate as evaluate_lib
 
 K_KEY = "retrieval.k"
 LEGEND_WIDTH = 60
@@ -45,11 +52,11 @@ class Run:
   """One workdir's evaluation of a split."""
   workdir: Path
   config: dict     # flattened: dotted key -> leaf value
-  summary: dict    # eval/{split}.json
+  summary: dict    # eval/{checkpoint}/{split}.json
   sample: np.ndarray
   label: np.ndarray
   score: np.ndarray
-  baselines: dict = None  # eval/{split}_baselines.json, when the run has it
+  baselines: dict = None  # eval/{checkpoint}/{split}_baselines.json, when the run has it
 
 
 def _read_json(path, missing):
@@ -61,16 +68,36 @@ def _read_json(path, missing):
     raise ReportError(f"{path}: not readable JSON ({e})") from None
 
 
-def load_run(workdir, split):
-  """The run in `workdir`: its config and its `split` evaluation, checked for consistency."""
+def _results_folder(workdir, split, checkpoint):
+  """The folder holding `checkpoint`'s evaluation of `split` in a workdir (see the module
+  docstring); a one-line error naming what to run when there is none."""
+  checkpoint = re.sub(r"^step-(\d+)$", r"\1", str(checkpoint))
+  stored = {name: splits[split].parent
+            for name, splits in evaluate_lib.stored_results(workdir).items() if split in splits}
+  name = evaluate_lib.choose(stored, checkpoint)
+  if name is not None:
+    return stored[name]
+  flag = "" if str(checkpoint) == "best" else f" --config.eval.checkpoint={checkpoint}"
+  path = evaluate_lib.results_dir(workdir, checkpoint) / f"{split}.json"
+  if not stored:
+    raise ReportError(f"{path} missing: run --stages evaluate{flag} (with '{split}' in "
+                      "eval.splits)")
+  raise ReportError(f"{path} missing: {split} was evaluated on {', '.join(sorted(stored))}; pass "
+                    f"--checkpoint NAME, or run --stages evaluate{flag}")
+
+
+def load_run(workdir, split, checkpoint="best"):
+  """The run in `workdir`: its config and its `split` evaluation of `checkpoint`, checked for
+  consistency."""
   workdir = Path(workdir)
   if not workdir.is_dir():
     raise ReportError(f"{workdir}: no such workdir")
   evaluate = f"run --stages evaluate (with '{split}' in eval.splits)"
   config = _read_json(workdir / "config.json",
                       "run the pipeline on it (python -m rallrec_jax.main --workdir ...)")
-  summary = _read_json(workdir / "eval" / f"{split}.json", evaluate)
-  path = workdir / "eval" / f"{split}_predictions.npz"
+  folder = _results_folder(workdir, split, checkpoint)
+  summary = _read_json(folder / f"{split}.json", evaluate)
+  path = folder / f"{split}_predictions.npz"
   if not path.is_file():
     raise ReportError(f"{path} missing: {evaluate}")
   try:
@@ -92,15 +119,16 @@ def load_run(workdir, split):
   if not np.isin(label, (0, 1)).all() or len(np.unique(label)) != 2:
     raise ReportError(f"{path}: AUC needs labels 0 and 1, found {np.unique(label).tolist()}")
   return Run(workdir, flatten(config), summary, sample.astype(np.int64), label.astype(np.int8),
-             score.astype(np.float64), _load_baselines(workdir, split, len(sample)))
+             score.astype(np.float64), _load_baselines(folder, split, len(sample)))
 
 
 BASELINE_KEYS = ("auc", "auc_ci", "logloss", "acc", "n", "auc_diff", "auc_diff_ci")
 
 
-def _load_baselines(workdir, split, n):
-  """eval/{split}_baselines.json of a run (None when absent), checked against its n rows."""
-  path = baselines.path(workdir, split)
+def _load_baselines(folder, split, n):
+  """{split}_baselines.json in a run's results folder (None when absent), checked against its
+  n rows."""
+  path = baselines.path(folder, split)
   if not path.is_file():
     return None
   rerun = "rerun --stages evaluate"
@@ -239,7 +267,7 @@ def summarize(runs, labels, base, resamples=1000, seed=0):
 
 
 def baseline_rows(run, name):
-  """The rows of a run's non-LLM baselines (none without eval/{split}_baselines.json)."""
+  """The rows of a run's non-LLM baselines (none without {split}_baselines.json)."""
   return [Row(f"baseline: {baselines.TITLES.get(key, key)} [{name}]", b["n"], b["auc"],
               tuple(b["auc_ci"]), b["logloss"], None, b["acc"], "-",
               llm_diff=b["auc_diff"], llm_diff_ci=tuple(b["auc_diff_ci"]))
@@ -371,11 +399,13 @@ def plot_auc_vs_k(runs, rows, split, path):
   _save(fig, path)
 
 
-def report(workdirs, out="report", split="test", baseline=None, resamples=1000, seed=0, bins=10):
-  """Write report.md and the plots under `out`; returns (table text, notes, paths written)."""
+def report(workdirs, out="report", split="test", baseline=None, resamples=1000, seed=0, bins=10,
+           checkpoint="best"):
+  """Write report.md and the plots under `out` for each run's evaluation of `checkpoint`;
+  returns (table text, notes, paths written)."""
   if not workdirs:
     raise ReportError("give at least one workdir")
-  runs = [load_run(w, split) for w in workdirs]
+  runs = [load_run(w, split, checkpoint) for w in workdirs]
   base = 0
   if baseline is not None:
     matches = [i for i, w in enumerate(workdirs)
@@ -392,11 +422,11 @@ def report(workdirs, out="report", split="test", baseline=None, resamples=1000, 
   extra = [baseline_rows(run, name) for run, name in zip(runs, run_names(workdirs))]
   if any(extra):
     notes.append("Rows `baseline: ... [run]`: non-LLM baselines fitted on the train split and "
-                 f"scored on exactly the run's rows (eval/{split}_baselines.json, written by "
-                 "the evaluate stage); ΔAUC LLM − this: the run's AUC minus the baseline's, its "
-                 f"CI from {baselines.RESAMPLES} paired resamples (seed {baselines.SEED}) made "
-                 "by that stage, as is the baseline's AUC CI. The user mean rating is no "
-                 "probability: no log loss or accuracy.")
+                 f"scored on exactly the run's rows (eval/CHECKPOINT/{split}_baselines.json, "
+                 "written by the evaluate stage); ΔAUC LLM − this: the run's AUC minus the "
+                 f"baseline's, its CI from {baselines.RESAMPLES} paired resamples (seed "
+                 f"{baselines.SEED}) made by that stage, as is the baseline's AUC CI. The user "
+                 "mean rating is no probability: no log loss or accuracy.")
   table = markdown_table([r for row, more in zip(rows, extra) for r in [row] + more])
   out = Path(out)
   paths = {name: out / name for name in ("report.md", "roc.png", "calibration.png",
@@ -423,6 +453,9 @@ def main(argv=None):
   parser.add_argument("--baseline", default=None, metavar="W",
                       help="workdir the ΔAUC column compares against (default: the first)")
   parser.add_argument("--split", default="test", help="evaluated split to report (default: test)")
+  parser.add_argument("--checkpoint", default="best", metavar="NAME",
+                      help="evaluated checkpoint to report: best, latest, none, a step or "
+                           "step-N (default: best, or the only one a run has)")
   parser.add_argument("--resamples", type=int, default=1000, metavar="N",
                       help="bootstrap resamples (default: 1000)")
   parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
@@ -433,7 +466,7 @@ def main(argv=None):
     parser.error("--resamples and --bins must be at least 1")
   try:
     table, notes, paths = report(args.workdirs, args.out, args.split, args.baseline,
-                                 args.resamples, args.seed, args.bins)
+                                 args.resamples, args.seed, args.bins, args.checkpoint)
   except (ReportError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -371,20 +371,42 @@ def finetune(cfg, workdir):
 
 
 def _baselines(workdir, dataset, fitted, split, examples, scores):
-  """eval/{split}_baselines.json: the non-LLM baselines on the rows the LLM was scored on."""
+  """The non-LLM baselines' table on the rows the LLM was scored on (logged)."""
   result = history.load(Path(workdir) / "retrieval" / f"{split}.npz")
   found = baselines.scores(fitted, dataset, split, result, examples["sample"])
   table = baselines.compare(examples["label"], scores, found)
-  baselines.write(workdir, split, table)
   for name, m in table.items():
     log.info("evaluate: %s baseline %s: auc %.4f, LLM minus it %+.4f [%+.4f, %+.4f]", split,
              name, m["auc"], m["auc_diff"], *m["auc_diff_ci"])
+  return table
+
+
+def _restore_checkpoint(cfg, workdir, lm, choice):
+  """(scoring weights for `evaluate.score_examples`, step) of eval.checkpoint `choice`."""
+  if choice == "none":
+    return {}, None
+  lora_cfg = _lora_config(cfg)
+  keyword = choice in ("best", "latest") or choice.isdigit()
+  folder = workdir / "checkpoints" if keyword else Path(choice)
+  which = int(choice) if choice.isdigit() else ("latest" if choice == "latest" else "best")
+  weights, step = loop.restore_weights(lm, lora_cfg, folder, which)
+  return _scoring_weights(lm, lora_cfg, weights), step
+
+
+def _write_results(workdir, choice, results):
+  """eval/{checkpoint}/, replaced whole: each split's json, predictions and baselines."""
+  with atomic.directory(evaluate.results_dir(workdir, choice)) as tmp:
+    for split, (metrics_dict, examples, scores, table) in results.items():
+      evaluate.write_eval(tmp, split, metrics_dict, examples["sample"], examples["label"],
+                          scores)
+      baselines.write(tmp, split, table)
 
 
 def evaluate_stage(cfg, workdir):
-  """eval/{split}.json and predictions: P(yes) of a checkpoint (or zero-shot) on each split,
-  with log loss also after one temperature fitted on the validation prompts; and
-  eval/{split}_baselines.json, non-LLM baselines fitted on the train split, on the same rows."""
+  """eval/{checkpoint}/{split}.json and predictions: P(yes) of a checkpoint (or zero-shot) on
+  each split, with log loss also after one temperature fitted on the validation prompts; and
+  {split}_baselines.json beside them, non-LLM baselines fitted on the train split, on the same
+  rows. Each checkpoint choice has its own folder (`evaluate.checkpoint_name`)."""
   workdir = Path(workdir)
   dataset = data.load_dataset(workdir)
   primary = distributed.is_primary()
@@ -393,14 +415,7 @@ def evaluate_stage(cfg, workdir):
   lm = load_model(cfg, workdir, dataset)
   yes, no = lm.yes_no_tokens()
   choice = str(cfg.eval.checkpoint)
-  trained, step = {}, None
-  if choice != "none":
-    lora_cfg = _lora_config(cfg)
-    keyword = choice in ("best", "latest") or choice.isdigit()
-    folder = workdir / "checkpoints" if keyword else Path(choice)
-    which = int(choice) if choice.isdigit() else ("latest" if choice == "latest" else "best")
-    weights, step = loop.restore_weights(lm, lora_cfg, folder, which)
-    trained = _scoring_weights(lm, lora_cfg, weights)
+  trained, step = _restore_checkpoint(cfg, workdir, lm, choice)
 
   def logits_of(split, limit):
     examples = _eval_examples(cfg, workdir, dataset, lm, split, limit, cfg.eval.rows)
@@ -409,6 +424,7 @@ def evaluate_stage(cfg, workdir):
 
   valid, valid_logits = logits_of("valid", cfg.finetune.eval_samples)
   temperature = evaluate.fit_temperature(evaluate.logit_gap(valid_logits), valid["label"])
+  results = {}
   for split in cfg.eval.splits:
     examples, logits = (valid, valid_logits) if split == "valid" else logits_of(
         split, cfg.eval.max_samples)
@@ -419,9 +435,11 @@ def evaluate_stage(cfg, workdir):
              metrics.checkpoint_label(choice, step), metrics_dict["auc"], metrics_dict["logloss"],
              metrics_dict["acc"], metrics_dict["n"])
     if primary:
-      evaluate.write_eval(workdir, split, metrics_dict, examples["sample"],
-                          examples["label"], scores)
-      _baselines(workdir, dataset, fitted, split, examples, scores)
+      results[split] = (metrics_dict, examples, scores,
+                        _baselines(workdir, dataset, fitted, split, examples, scores))
+  if primary:
+    _write_results(workdir, choice, results)
+    log.info("evaluate: results in %s", evaluate.results_dir(workdir, choice))
 
 
 def mix(cfg, workdir):

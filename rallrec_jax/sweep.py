@@ -192,7 +192,12 @@ def command(spec, run, *, python="python", extra=()):
 
 
 def done(workdir, cfg):
-  """True when the evaluate stage finished: its manifest and eval/{split}.json of every split."""
+  """True when the evaluate stage finished: its manifest and, for the configured checkpoint,
+  eval/{checkpoint}/{split}.json of every split."""
   workdir = Path(workdir)
-  return (workdir / "manifests" / "evaluate.json").is_file() and all(
-      (workdir / "eval" / f"{split}.json").is_file() for split in cfg.eval.splits)
+  if not (workdir / "manifests" / "evaluate.json").is_file():
+    return False
+  # Imported here: it loads JAX, which a sweep without evaluated runs never needs.
+  from rallrec_jax.eval import evaluate  # pylint: disable=import-outside-toplevel
+  results = evaluate.results_dir(workdir, cfg.eval.checkpoint)
+  return all((results / f"{split}.json").is_file() for split in cfg.eval.splits)

@@ -152,5 +152,5 @@ def test_compare_metrics_and_paired_differences(tmp_path):
     assert table[name]["spearman_llm"] == pytest.approx(expected, abs=1e-12)
   assert table["logistic_regression"]["spearman_llm"] == pytest.approx(1.0)
   assert abs(table["item_like_rate"]["spearman_llm"]) < 0.15
-  baselines.write(tmp_path, "test", table)
-  assert json.loads((tmp_path / "eval" / "test_baselines.json").read_text()) == table
+  baselines.write(tmp_path / "best", "test", table)
+  assert json.loads((tmp_path / "best" / "test_baselines.json").read_text()) == table

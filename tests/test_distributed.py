@@ -142,12 +142,13 @@ def test_two_processes_match_one_and_only_process_zero_writes(base, tmp_path):
     assert a["step"] == b["step"] and a["examples_seen"] == b["examples_seen"]
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
   for split in ("valid", "test"):
-    want = json.loads((single / "eval" / f"{split}.json").read_text())
-    got = json.loads((multi / "eval" / f"{split}.json").read_text())
+    want = json.loads((single / "eval" / "best" / f"{split}.json").read_text())
+    got = json.loads((multi / "eval" / "best" / f"{split}.json").read_text())
     assert want["n"] == got["n"] and want["step"] == got["step"]
     np.testing.assert_allclose(got["auc"], want["auc"], atol=1e-4)
     np.testing.assert_allclose(got["logloss"], want["logloss"], rtol=1e-4)
-    scores = [np.load(w / "eval" / f"{split}_predictions.npz")["score"] for w in (single, multi)]
+    scores = [np.load(w / "eval" / "best" / f"{split}_predictions.npz")["score"]
+              for w in (single, multi)]
     np.testing.assert_allclose(scores[1], scores[0], atol=1e-4)
 
   written = [json.loads(path.read_text()) for path in logs]

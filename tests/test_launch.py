@@ -273,11 +273,12 @@ def test_done_runs_are_skipped(monkeypatch, tmp_path):
   assert tuple(default.cfg.eval.splits) == ("valid", "test")
   workdir = root / "default"
   (workdir / "manifests").mkdir(parents=True)
-  (workdir / "eval").mkdir()
+  (workdir / "eval" / "best").mkdir(parents=True)
   (workdir / "manifests" / "evaluate.json").write_text("{}")
-  (workdir / "eval" / "test.json").write_text("{}")
-  assert not sweep_lib.done(workdir, default.cfg)   # valid.json is missing
-  (workdir / "eval" / "valid.json").write_text("{}")
+  (workdir / "eval" / "best" / "test.json").write_text("{}")
+  (workdir / "eval" / "valid.json").write_text("{}")  # another layout: not this run's
+  assert not sweep_lib.done(workdir, default.cfg)   # best/valid.json is missing
+  (workdir / "eval" / "best" / "valid.json").write_text("{}")
   assert sweep_lib.done(workdir, default.cfg)
   args = [sys.executable, "launch/sweep.py", "configs/quickstart.py", "--root", str(root)]
   lines = run(args + ["--dry-run"]).stdout.splitlines()

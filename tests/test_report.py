@@ -1,6 +1,7 @@
 """The results report: bootstrap CIs, ROC and calibration helpers, the table, plots and errors."""
 import json
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from rallrec_jax import config as config_lib
 from rallrec_jax import report
-from rallrec_jax.eval import baselines, bootstrap, metrics
+from rallrec_jax.eval import baselines, bootstrap, evaluate, metrics
 from rallrec_jax.eval.evaluate import write_eval
 from tests.conftest import REPO
 
@@ -28,17 +29,24 @@ def fake_scores(n, signal, seed, ties=False):
 
 
 def make_run(folder, labels, scores, samples=None, k=30, variant="mix3", calibrated=True):
-  """A workdir holding config.json and eval/test.json with its predictions."""
+  """A workdir holding config.json and eval/best/test.json with its predictions."""
   cfg = config_lib.apply_overrides(config_lib.base_config(),
                                    {"retrieval.k": k, "mix.variant": variant})
   folder.mkdir(parents=True)
   (folder / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+  add_eval(folder, labels, scores, samples, calibrated=calibrated)
+  return folder
+
+
+def add_eval(folder, labels, scores, samples=None, checkpoint="best", step=7, calibrated=True,
+             results=None):
+  """Write a test-split evaluation of `checkpoint` into `results` (default: its eval/ folder)."""
   samples = np.arange(len(labels)) if samples is None else samples
-  summary = {**metrics.all_metrics(labels, scores), "step": 7, "checkpoint": "best",
+  summary = {**metrics.all_metrics(labels, scores), "step": step, "checkpoint": checkpoint,
              "temperature": 1.5 if calibrated else None,
              "logloss_calibrated": 0.5 if calibrated else None}
-  write_eval(folder, "test", summary, samples, labels, scores)
-  return folder
+  results = evaluate.results_dir(folder, checkpoint) if results is None else results
+  write_eval(results, "test", summary, samples, labels, scores)
 
 
 def table_rows(text):
@@ -140,7 +148,7 @@ def test_report_table_plots_and_stdout(tmp_path, capsys):
                         "retrieval.k=20", "c: mix.variant=cf, retrieval.k=20"]
   a, b, c = rows.values()
   for row, run in zip((a, b, c), runs):
-    with np.load(run / "eval" / "test_predictions.npz") as npz:
+    with np.load(run / "eval" / "best" / "test_predictions.npz") as npz:
       labels, scores = npz["label"], npz["score"]
     assert row["n"] == "3000"
     assert float(row["AUC"]) == pytest.approx(sklearn_metrics.roc_auc_score(labels, scores),
@@ -196,7 +204,7 @@ def test_baseline_rows_under_the_run_that_has_them(tmp_path, capsys):
   found = {"item_like_rate": rng.random(2000),
            "user_mean_rating": 3 + labels * 0.3 + rng.normal(0, 1, 2000)}
   table = baselines.compare(labels, scores, found, resamples=200)
-  baselines.write(with_file, "test", table)
+  baselines.write(with_file / "eval" / "best", "test", table)
   report.main([str(with_file), str(without), "--out", str(tmp_path / "out")])
   rows = table_rows((tmp_path / "out" / "report.md").read_text())
   assert list(rows) == ["a", "baseline: item like-rate [a]", "baseline: user mean rating [a]",
@@ -221,14 +229,15 @@ def test_baseline_rows_under_the_run_that_has_them(tmp_path, capsys):
   assert "baseline: item like-rate [a]" in capsys.readouterr().out
 
   table["item_like_rate"]["n"] = 1999
-  baselines.write(with_file, "test", table)
+  baselines.write(with_file / "eval" / "best", "test", table)
   with pytest.raises(report.ReportError, match="'item_like_rate' scored 1999 rows, the LLM 2000"):
     report.load_run(with_file, "test")
 
 
 @pytest.mark.parametrize("remove, message", [
-    ("eval/test.json", r"a/eval/test\.json missing: run --stages evaluate"),
-    ("eval/test_predictions.npz", r"a/eval/test_predictions\.npz missing: run --stages evaluate"),
+    ("eval/best/test.json", r"a/eval/best/test\.json missing: run --stages evaluate"),
+    ("eval/best/test_predictions.npz",
+     r"a/eval/best/test_predictions\.npz missing: run --stages evaluate"),
     ("config.json", r"a/config\.json missing: run the pipeline on it"),
 ])
 def test_missing_file_is_one_line_exit_2(tmp_path, capsys, remove, message):
@@ -248,16 +257,59 @@ def test_bad_baseline_and_single_class(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     report.main([str(run), "--baseline", str(tmp_path / "z")])
   assert exit_info.value.code == 2 and "is not one of the workdirs" in capsys.readouterr().err
-  write_eval(run, "test", {}, np.arange(10), np.ones(10), np.full(10, 0.7))
+  write_eval(run / "eval" / "best", "test", {}, np.arange(10), np.ones(10), np.full(10, 0.7))
   with pytest.raises(report.ReportError, match=r"AUC needs labels 0 and 1, found \[1\]"):
     report.load_run(run, "test")
 
 
 def test_cli_missing_eval_exits_2_without_traceback(tmp_path):
   run = make_run(tmp_path / "w", *fake_scores(50, 1.0, seed=9))
-  (run / "eval" / "test.json").unlink()
+  (run / "eval" / "best" / "test.json").unlink()
   result = subprocess.run([sys.executable, "-m", "rallrec_jax.report", str(run)], cwd=REPO,
                           capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 2
-  assert result.stderr == f"error: {run}/eval/test.json missing: run --stages evaluate " \
+  assert result.stderr == f"error: {run}/eval/best/test.json missing: run --stages evaluate " \
                           "(with 'test' in eval.splits)\n"
+
+
+def test_each_checkpoint_keeps_its_results_and_best_is_the_default(tmp_path, capsys):
+  labels, scores = fake_scores(400, 1.0, seed=12)
+  run = make_run(tmp_path / "a", labels, scores)
+  zero = fake_scores(400, 0.1, seed=12)[1]
+  add_eval(run, labels, zero, checkpoint="none", step=None)
+  add_eval(run, labels, scores, checkpoint="16", step=16)
+  assert sorted(p.name for p in (run / "eval").iterdir()) == ["best", "none", "step-16"]
+  best = report.load_run(run, "test")
+  assert best.summary["checkpoint"] == "best"
+  np.testing.assert_allclose(best.score, scores, rtol=1e-6)
+  none = report.load_run(run, "test", "none")
+  np.testing.assert_allclose(none.score, zero, rtol=1e-6)
+  for name in ("16", "step-16"):
+    assert report.load_run(run, "test", name).summary["step"] == 16
+  report.main([str(run), "--out", str(tmp_path / "out"), "--checkpoint", "none"])
+  assert table_rows(capsys.readouterr().out)["a"]["checkpoint (step)"] == "none"
+  with pytest.raises(report.ReportError, match=r"eval/latest/test\.json missing: test was "
+                     r"evaluated on best, none, step-16; pass --checkpoint"):
+    report.load_run(run, "test", "latest")
+
+
+def test_a_run_without_best_reads_its_only_evaluation(tmp_path):
+  labels, scores = fake_scores(300, 1.0, seed=13)
+  run = make_run(tmp_path / "a", labels, scores)
+  (run / "eval" / "best").rename(run / "eval" / "none")
+  assert report.load_run(run, "test").workdir == run
+  add_eval(run, labels, scores, checkpoint="latest", step=9)
+  with pytest.raises(report.ReportError, match="evaluated on latest, none"):
+    report.load_run(run, "test")
+
+
+def test_a_workdir_with_results_directly_in_eval_reads_as_their_checkpoint(tmp_path, capsys):
+  labels, scores = fake_scores(300, 1.0, seed=14)
+  run = make_run(tmp_path / "a", labels, scores)
+  shutil.rmtree(run / "eval")
+  add_eval(run, labels, scores, checkpoint="none", step=None, results=run / "eval")
+  assert report.load_run(run, "test", "none").summary["step"] is None
+  assert report.load_run(run, "test").summary["checkpoint"] == "none"  # the only one
+  add_eval(run, labels, np.round(scores, 1), checkpoint="best")
+  report.main([str(run), "--out", str(tmp_path / "out")])
+  assert table_rows(capsys.readouterr().out)["a"]["checkpoint (step)"] == "best (7)"

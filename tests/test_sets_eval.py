@@ -1,5 +1,6 @@
 """Training sets, batching, example scoring (base and LoRA), temperature fit and eval files."""
 import json
+import re
 
 import jax
 import numpy as np
@@ -169,16 +170,24 @@ def test_evaluate_split_matches_sklearn():
 
 def test_write_eval_round_trip(tmp_path):
   metrics = {"auc": 0.7, "logloss": 0.6, "acc": 0.65, "n": 3, "logloss_calibrated": None}
-  summary, predictions = evaluate.write_eval(tmp_path, "test", metrics, [4, 0, 9], [1, 0, 1],
+  folder = evaluate.results_dir(tmp_path, "best")
+  summary, predictions = evaluate.write_eval(folder, "test", metrics, [4, 0, 9], [1, 0, 1],
                                              np.array([0.9, 0.2, 0.4]))
-  assert summary == tmp_path / "eval" / "test.json"
+  assert summary == tmp_path / "eval" / "best" / "test.json"
   assert json.loads(summary.read_text()) == metrics
   with np.load(predictions) as f:
     np.testing.assert_array_equal(f["sample"], [4, 0, 9])
     np.testing.assert_array_equal(f["label"], [1, 0, 1])
     np.testing.assert_allclose(f["score"], [0.9, 0.2, 0.4], rtol=1e-6)
-  assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["test.json",
-                                                                    "test_predictions.npz"]
+  assert sorted(p.name for p in folder.iterdir()) == ["test.json", "test_predictions.npz"]
+
+
+def test_each_checkpoint_choice_has_its_own_folder():
+  names = [evaluate.checkpoint_name(c) for c in ("best", "latest", "none", 16, "0016")]
+  assert names == ["best", "latest", "none", "step-16", "step-16"]
+  other = evaluate.checkpoint_name("/runs/a b/checkpoints")
+  assert re.fullmatch(r"folder-runs_a_b_checkpoints-[0-9a-f]{8}", other)
+  assert evaluate.checkpoint_name("/runs/a_b/checkpoints") != other
 
 
 def test_capped_rows_first_spread_and_all():

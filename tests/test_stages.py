@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from rallrec_jax import data, pipeline, stages
+from rallrec_jax import data, pipeline, report, stages
 from rallrec_jax.eval import baselines, evaluate
 from rallrec_jax.text import describe
 from rallrec_jax.train import loop
@@ -72,16 +72,17 @@ def test_rerun_skips_and_a_changed_key_reruns_only_downstream(run):
   np.testing.assert_array_equal(got["history"][i][:len(last)], last)
 
 
-def check_baselines(workdir):
+def check_baselines(workdir, checkpoint):
   """Every baseline scored on the LLM's rows: the item like-rate's AUC on the predictions' rows
   as recomputed by a loop over the train samples."""
   ds = data.load_dataset(workdir)
+  results = workdir / "eval" / checkpoint
   for split in ("valid", "test"):
-    llm = json.loads((workdir / "eval" / f"{split}.json").read_text())
-    found = json.loads((workdir / "eval" / f"{split}_baselines.json").read_text())
+    llm = json.loads((results / f"{split}.json").read_text())
+    found = json.loads((results / f"{split}_baselines.json").read_text())
     assert sorted(found) == sorted(baselines.TITLES)
     assert all(b["n"] == llm["n"] for b in found.values())
-    predictions = np.load(workdir / "eval" / f"{split}_predictions.npz")
+    predictions = np.load(results / f"{split}_predictions.npz")
     rates = loop_item_rates(ds, ds.splits[split].target[predictions["sample"]])
     item = found["item_like_rate"]
     assert item["auc"] == pytest.approx(roc_auc_score(predictions["label"], rates), abs=1e-12)
@@ -97,33 +98,53 @@ def test_finetune_and_evaluate_from_checkpoints(run):
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [x["step"] for x in lines] == list(range(1, len(lines) + 1))
   logged = {x["step"]: x["eval"]["auc"] for x in lines if "eval" in x}
-  best = json.loads((workdir / "eval" / "valid.json").read_text())
+  best = json.loads((workdir / "eval" / "best" / "valid.json").read_text())
   # Evaluating the best checkpoint later reproduces the AUC logged at training time.
   assert best["step"] == summary["best_step"]
   assert abs(best["auc"] - logged[summary["best_step"]]) < 1e-6
-  test = json.loads((workdir / "eval" / "test.json").read_text())
+  test = json.loads((workdir / "eval" / "best" / "test.json").read_text())
   assert test["n"] == cfg.eval.max_samples and 0 <= test["auc"] <= 1
   table = pipeline.results_table(workdir).splitlines()
   assert table[0].startswith("split") and table[1].split()[:2] == ["test", f"{test['auc']:.4f}"]
+  assert table[1].endswith(f"best (step {summary['best_step']})")
   assert [line.split(":")[0] for line in table[2:6]] == ["  baseline"] * 4
   assert table[6].startswith("valid")
-  check_baselines(workdir)
+  check_baselines(workdir, "best")
   assert all("mfu" in x and x["mfu"] > 0 for x in lines)
-  predictions = np.load(workdir / "eval" / "test_predictions.npz")
+  predictions = np.load(workdir / "eval" / "best" / "test_predictions.npz")
   assert predictions["score"].shape == (test["n"],)
   assert ((predictions["score"] > 0) & (predictions["score"] < 1)).all()
 
   zero = load_config("quickstart", "runlocal=true")
   zero.eval.checkpoint, zero.eval.rows = "none", "spread"
+  best_files = {p.name: p.read_bytes() for p in (workdir / "eval" / "best").iterdir()}
   status = pipeline.run(zero, workdir, stages=["evaluate"])
   assert status == {"evaluate": "ran"}
-  assert json.loads((workdir / "eval" / "test.json").read_text())["step"] is None
+  assert json.loads((workdir / "eval" / "none" / "test.json").read_text())["step"] is None
   n_test = len(np.load(workdir / "retrieval" / "test.npz")["sample"])
-  spread = np.load(workdir / "eval" / "test_predictions.npz")["sample"]
+  spread = np.load(workdir / "eval" / "none" / "test_predictions.npz")["sample"]
   assert n_test > 2 * zero.eval.max_samples and spread[-1] > n_test // 2
   np.testing.assert_array_equal(
       spread, evaluate.capped_rows(n_test, zero.eval.max_samples, "spread"))
-  check_baselines(workdir)
+  check_baselines(workdir, "none")
+  check_records_of_both(cfg, zero, workdir, best_files, test)
+
+
+def check_records_of_both(cfg, zero, workdir, best_files, test):
+  """After evaluating best and then none, both results are kept, best is what the results
+  table and the report show, and asking for best again is not taken as up to date."""
+  assert {p.name: p.read_bytes() for p in (workdir / "eval" / "best").iterdir()} == best_files
+  assert pipeline.results_table(workdir) == pipeline.results_table(workdir, "best")
+  assert pipeline.results_table(workdir).splitlines()[1].split()[1] == f"{test['auc']:.4f}"
+  assert pipeline.results_table(workdir, "none").splitlines()[1].endswith("none (zero-shot)")
+  run = report.load_run(workdir, "test")
+  assert run.summary == test
+  assert report.load_run(workdir, "test", "none").summary["checkpoint"] == "none"
+  stage = pipeline.STAGES["evaluate"]
+  manifest = pipeline.read_manifest(workdir, "evaluate")
+  for config, current in ((zero, True), (cfg, False)):
+    expected = pipeline._expected(stage, config, workdir)
+    assert pipeline._is_current(stage, workdir, manifest, expected) is current
 
 
 def test_preempted_finetune_resumes_to_the_same_run(run, tmp_path, monkeypatch):
@@ -175,10 +196,10 @@ def test_full_fine_tuning_learns_on_the_shrunk_quickstart(run, tmp_path):
   losses = [x["answer_loss"] for x in lines]
   assert len(losses) >= 40
   assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.01, losses
-  tuned = json.loads((copy / "eval" / "valid.json").read_text())
+  tuned = json.loads((copy / "eval" / "best" / "valid.json").read_text())
   cfg.eval.checkpoint = "none"
   pipeline.run(cfg, copy, stages=["evaluate"])
-  zero = json.loads((copy / "eval" / "valid.json").read_text())
+  zero = json.loads((copy / "eval" / "none" / "valid.json").read_text())
   assert zero["n"] == tuned["n"] == 200 and zero["step"] is None
   assert tuned["auc"] > zero["auc"] + 0.05, (tuned["auc"], zero["auc"])
 

@@ -38,7 +38,7 @@ RESAMPLES = 1000    # bootstrap resamples of the AUC and AUC-difference CIs
 TITLES = {"item_like_rate": "item like-rate", "user_like_rate": "user like-rate",
           "user_mean_rating": "user mean rating", "logistic_regression": "logistic regression"}
 PROBABILITIES = ("item_like_rate", "user_like_rate", "logistic_regression")
-SUFFIX = "_baselines"  # eval/{split}_baselines.json
+SUFFIX = "_baselines"  # eval/{checkpoint}/{split}_baselines.json
 
 
 @dataclasses.dataclass
@@ -123,10 +123,10 @@ def compare(labels, llm_scores, baseline_scores, resamples=RESAMPLES, seed=SEED)
 
 
 def path(folder, split):
-  """eval/{split}_baselines.json under `folder`."""
-  return Path(folder) / "eval" / f"{split}{SUFFIX}.json"
+  """{split}_baselines.json in `folder`, the results folder of one checkpoint (eval/best)."""
+  return Path(folder) / f"{split}{SUFFIX}.json"
 
 
 def write(folder, split, table):
-  """Write `compare`'s table to eval/{split}_baselines.json under `folder` atomically."""
+  """Write `compare`'s table to {split}_baselines.json in results `folder` atomically."""
   atomic.write_text(path(folder, split), json.dumps(table, indent=2) + "\n")
