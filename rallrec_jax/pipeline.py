@@ -381,10 +381,8 @@ def run(cfg, workdir, stages=None, force=False, wait_timeout_s=None):
   _check_upstream(selected, cfg, workdir)
   if primary:
     workdir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2) + "\n")
   else:
-    distributed.wait_for((workdir / "config.json").is_file, f"{workdir / 'config.json'}",
-                         wait_timeout_s)
+    distributed.wait_for(workdir.is_dir, f"{workdir}", wait_timeout_s)
   status = {}
   for stage in selected:
     expected = _expected(stage, cfg, workdir)
@@ -412,4 +410,12 @@ def run(cfg, workdir, stages=None, force=False, wait_timeout_s=None):
                     finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), run=run_id)
     atomic.write_text(_manifest_path(workdir, stage.name), json.dumps(manifest, indent=1) + "\n")
     log.info("%s: done in %.1f s", stage.name, manifest["seconds"])
+    if list(status.values()).count("ran") == 1:
+      _write_config(cfg, workdir)
   return status
+
+
+def _write_config(cfg, workdir):
+  """W/config.json, the resolved config of the run, once one of its stages has succeeded: a
+  run that fails before then leaves the config of the run that made the artifacts."""
+  atomic.write_text(Path(workdir) / "config.json", cfg.to_json_best_effort(indent=2) + "\n")

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from rallrec_jax import config as config_lib
-from rallrec_jax import pipeline
+from rallrec_jax import data, pipeline
 from tests.conftest import REPO
 from tests.test_movielens import random_ratings, write_ml1m
 
@@ -209,3 +209,43 @@ def test_cli_runs_and_reports_config_mistakes(tmp_path, folder):
                *([] if "--stages" in args else ["--stages", "prepare"]))
     assert out.returncode == 2, (args, out.stderr)
     assert message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_a_failed_rerun_keeps_the_config_of_the_run_that_made_the_artifacts(tmp_path, folder,
+                                                                              monkeypatch):
+  workdir = tmp_path / "w"
+  cfg = ml1m_config(folder)
+  pipeline.run(cfg, workdir, stages=["prepare"])
+  before = (workdir / "config.json").read_bytes()
+  assert pipeline.read_manifest(workdir, "prepare")["config"]["data"]["min_history"] == 5
+  cfg.data.min_history = 4
+  ratings = (folder / "ratings.dat").read_bytes()
+  (folder / "ratings.dat").write_bytes(ratings + b"1::2::four::978300000\n")
+  with pytest.raises(data.DataError, match="rating is not an integer"):
+    pipeline.run(cfg, workdir, stages=["prepare"])
+  assert (workdir / "config.json").read_bytes() == before
+  (folder / "ratings.dat").write_bytes(ratings)
+
+  def fails(cfg, workdir):
+    raise RuntimeError("stage failed")
+
+  monkeypatch.setattr(pipeline, "STAGES", dict(pipeline.STAGES))
+  pipeline.register(pipeline.Stage(name="boom", help="fails", run=fails, config_keys=("eval",),
+                                   deps=("prepare",), outputs=("boom.txt",)))
+  cfg = ml1m_config(folder)
+  cfg.eval.max_samples = 3
+  with pytest.raises(RuntimeError, match="stage failed"):
+    pipeline.run(cfg, workdir, stages=["boom"])
+  assert (workdir / "config.json").read_bytes() == before
+  assert pipeline.read_manifest(workdir, "boom") is None
+
+
+def test_config_json_is_written_once_a_stage_has_run(tmp_path, folder):
+  workdir = tmp_path / "w"
+  cfg = ml1m_config(folder)
+  pipeline.run(cfg, workdir, stages=["prepare"])
+  cfg.data.min_history = 4
+  assert pipeline.run(cfg, workdir, stages=["prepare"]) == {"prepare": "ran"}
+  written = json.loads((workdir / "config.json").read_text())
+  assert written["data"]["min_history"] == 4
+  assert pipeline.read_manifest(workdir, "prepare")["config"]["data"] == written["data"]
