@@ -83,7 +83,7 @@ def main(argv):
   if not distributed.is_primary():
     return
   print(" ".join(f"{name}={state}" for name, state in status.items()))
-  table = pipeline.results_table(_WORKDIR.value)
+  table = pipeline.results_table(_WORKDIR.value, _CONFIG.value.eval.checkpoint)
   if table:
     print(table)
 
