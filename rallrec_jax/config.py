@@ -91,9 +91,11 @@ def base_config():
   c.mix = ml_collections.ConfigDict(dict(
       variant="mix3", weights=ml_collections.ConfigDict(dict(text=1.0, cf=1.0, joint=1.0))))
 
-  # Nearest-neighbour index of the mixed item vectors (ScaNN, or exact as ground truth).
+  # Nearest-neighbour index of the mixed item vectors: backend auto (exact search below
+  # retrieval.index.SCANN_MIN_ITEMS items, ScaNN above), scann or exact (forced). Zeros in
+  # num_leaves and num_leaves_to_search follow the catalogue size.
   c.index = ml_collections.ConfigDict(dict(
-      backend="scann", num_leaves=0, num_leaves_to_search=0, dims_per_block=2,
+      backend="auto", num_leaves=0, num_leaves_to_search=0, dims_per_block=2,
       anisotropic_threshold=0.2, reorder=100, training_sample_size=100_000, batch_size=4096,
       neighbors=20, recommend_n=20, recent=20))
 

@@ -215,14 +215,19 @@ def align(cfg, workdir):
 
 
 def index(cfg, workdir):
-  """index/: the nearest-neighbour index of the mixed vectors, each item's neighbours, and
-  candidate generation for every user evaluated on the test period."""
+  """index/: the nearest-neighbour index of the mixed vectors, each item's neighbours with
+  their recall against exact search (metrics.json), and candidate generation for every user
+  evaluated on the test period."""
   workdir = Path(workdir)
   dataset = data.load_dataset(workdir)
   vectors = np.load(workdir / "embeddings" / "mixed.npy")
   icfg = config_lib.index_config(cfg)
   built = index_lib.build(vectors, icfg)
-  neighbors = index_lib.neighbors(built, min(cfg.index.neighbors, len(vectors) - 1))
+  k = min(cfg.index.neighbors, len(vectors) - 1)
+  neighbors = index_lib.neighbors(built, k)
+  quality = {**index_lib.neighbor_recall(built, neighbors), **built.settings(k + 1),
+             "requested_backend": icfg.backend, "num_items": len(vectors),
+             "missing_slots": float((neighbors < 0).mean())}
   user, item = dataset.train_interactions()
   seen = index_lib.as_csr(np.split(item, np.cumsum(np.bincount(user, minlength=dataset.num_users))[:-1]))
   test = dataset.splits["test"]
@@ -234,13 +239,15 @@ def index(cfg, workdir):
   recall, ndcg = candidates.recall_ndcg_at_n(recommended, relevant)
   n = cfg.index.recommend_n
   with atomic.directory(workdir / "index") as tmp:
-    if icfg.backend == "scann":
+    if built.backend == "scann":
       built.save(tmp / "scann")
     save_array(tmp / "neighbors.npy", neighbors.astype(np.int32))
+    save_json(tmp / "metrics.json", quality)
     save_json(tmp / "recommend.json", {f"recall@{n}": recall, f"ndcg@{n}": ndcg,
-                                       "backend": icfg.backend, "users": dataset.num_users})
-  log.info("index: %s over %s; test recall@%d %.4f ndcg@%d %.4f", icfg.backend,
-           vectors.shape, n, recall, n, ndcg)
+                                       "backend": built.backend, "users": dataset.num_users})
+  log.info("index: %s over %s; neighbour recall@%d %.4f against exact search on %d items; "
+           "test recall@%d %.4f ndcg@%d %.4f", built.backend, vectors.shape, k,
+           quality[f"recall@{k}"], quality["queries"], n, recall, n, ndcg)
 
 
 def retrieve(cfg, workdir):

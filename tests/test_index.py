@@ -1,11 +1,15 @@
 """Nearest-neighbour indexes and candidate generation against numpy and pure-Python oracles."""
+import json
 import math
 
 import numpy as np
 import pytest
 
+from rallrec_jax import data as data_lib
+from rallrec_jax import pipeline, stages
 from rallrec_jax.retrieval import candidates
 from rallrec_jax.retrieval import index as ix
+from tests.test_config import load_config
 
 
 def _clustered(rng, n, d, clusters=40, spread=1.0):
@@ -189,6 +193,95 @@ def test_index_config_errors_name_the_field(field, value):
 
 
 def test_index_config_automatic_tree_shape():
-  assert ix.IndexConfig().tree_shape(1_000_000) == (1000, 50)
-  assert ix.IndexConfig().tree_shape(3) == (2, 1)
+  assert ix.IndexConfig().tree_shape(1_000_000) == (1000, 50)  # num_leaves / 20
+  assert ix.IndexConfig().tree_shape(100_000) == (316, 16)
+  assert ix.IndexConfig().tree_shape(10_000) == (100, 20)      # scans 2,000 items at least
+  assert ix.IndexConfig().tree_shape(200) == (14, 14)
+  assert ix.IndexConfig().tree_shape(3) == (2, 2)
   assert ix.IndexConfig(num_leaves_to_search=80).tree_shape(100) == (10, 10)
+  assert ix.IndexConfig(num_leaves=50, num_leaves_to_search=3).tree_shape(10_000) == (50, 3)
+
+
+def test_auto_backend_follows_the_catalogue_size():
+  cfg = ix.IndexConfig()
+  assert cfg.backend == "auto"
+  assert cfg.resolve_backend(ix.SCANN_MIN_ITEMS - 1) == "exact"
+  assert cfg.resolve_backend(ix.SCANN_MIN_ITEMS) == "scann"
+  assert ix.IndexConfig(backend="scann").resolve_backend(10) == "scann"
+  assert ix.IndexConfig(backend="exact").resolve_backend(10**7) == "exact"
+  small = _clustered(np.random.default_rng(7), 300, 8)
+  assert isinstance(ix.build(small), ix.ExactIndex)
+  assert isinstance(ix.build(small, ix.IndexConfig(backend="scann")), ix.ScannIndex)
+
+
+def test_scann_reorders_enough_candidates_per_result(data):
+  scann = data["scann"]
+  assert scann.candidates(5) == 100 and scann.candidates(21) == 210
+  settings = scann.settings(21)
+  assert settings["backend"] == "scann" and settings["reorder_candidates"] == 210
+  assert (settings["num_leaves"], settings["num_leaves_to_search"]) == (200, 40)
+
+
+def _small_catalogue():
+  """200 clustered 128-d items, the size and width of the quickstart's mixed vectors."""
+  return _clustered(np.random.default_rng(8), 200, 128, clusters=10)
+
+
+def test_forced_scann_on_a_small_catalogue_matches_brute_force():
+  vectors = _small_catalogue()
+  found = ix.neighbors(ix.build(vectors, ix.IndexConfig(backend="scann")), 10)
+  truth, _ = _brute_force(vectors, vectors, 10, [[i] for i in range(200)])
+  assert (found >= 0).all()
+  assert _recall(found, truth) >= 0.95
+
+
+def test_scann_rows_short_of_results_are_searched_exactly():
+  vectors = _small_catalogue()
+  cfg = ix.IndexConfig(backend="scann", num_leaves=14, num_leaves_to_search=1)
+  index = ix.build(vectors, cfg)
+  found = ix.neighbors(index, 30)  # more than most single partitions hold
+  assert (found >= 0).all()
+  assert all(len(set(row)) == 30 for row in found)
+  assert not (found == np.arange(200)[:, None]).any()
+  ids, _ = index.search(vectors[:2], 5, exclude=[np.arange(197), []])
+  assert sorted(ids[0, :3]) == [197, 198, 199] and (ids[0, 3:] == -1).all()
+
+
+def test_neighbor_recall_counts_misses():
+  vectors = _small_catalogue()
+  index = ix.build(vectors, ix.IndexConfig(backend="exact"))
+  found = ix.neighbors(index, 10)
+  assert ix.neighbor_recall(index, found) == {"recall@10": 1.0, "queries": 200, "seed": 0}
+  found[:, 5:] = -1
+  assert ix.neighbor_recall(index, found, queries=50)["recall@10"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  """A prepared quickstart workdir (the shrunk one) and its config."""
+  workdir = tmp_path_factory.mktemp("index_stage")
+  cfg = load_config("quickstart", "runlocal=true")
+  pipeline.run(cfg, workdir, stages=["prepare"])
+  return cfg, workdir
+
+
+@pytest.mark.parametrize("backend", ["auto", "scann"])
+def test_index_stage_writes_its_recall_against_exact_search(prepared, backend):
+  cfg, workdir = prepared
+  num_items = data_lib.load_dataset(workdir).num_items
+  (workdir / "embeddings").mkdir(exist_ok=True)
+  vectors = _clustered(np.random.default_rng(9), num_items, 64, clusters=8)
+  np.save(workdir / "embeddings" / "mixed.npy", vectors)
+  cfg.index.backend = backend
+  stages.index(cfg, workdir)
+  k = cfg.index.neighbors
+  metrics = json.loads((workdir / "index" / "metrics.json").read_text())
+  assert metrics["backend"] == ("exact" if backend == "auto" else "scann")
+  assert metrics["requested_backend"] == backend and metrics["num_items"] == num_items
+  assert metrics["queries"] == min(num_items, ix.RECALL_QUERIES)
+  assert metrics["missing_slots"] == 0
+  found = np.load(workdir / "index" / "neighbors.npy")
+  truth, _ = _brute_force(vectors, vectors, k, [[i] for i in range(num_items)])
+  assert metrics[f"recall@{k}"] == pytest.approx(_recall(found, truth), abs=1e-4)
+  assert metrics[f"recall@{k}"] >= 0.95
+  assert (workdir / "index" / "scann").is_dir() == (backend == "scann")

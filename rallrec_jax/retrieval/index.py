@@ -29,7 +29,11 @@ import numpy as np
 
 from rallrec_jax import atomic
 
-BACKENDS = ("scann", "exact")
+BACKENDS = ("auto", "scann", "exact")
+SCANN_MIN_ITEMS = 5000     # "auto" searches smaller catalogues exactly (see `resolve_backend`)
+MIN_SCANNED = 2000         # automatic num_leaves_to_search scans about this many items at least
+REORDER_PER_RESULT = 10    # coarse candidates rescored per result asked for, at least
+RECALL_QUERIES = 1000      # items whose neighbours `neighbor_recall` checks against exact search
 META_FILE = "index.json"
 FORMAT_VERSION = 1
 SCANN_VECTORS = "dataset.npy"  # the float vectors ScaNN keeps for reordering
@@ -75,22 +79,25 @@ def normalize_rows(x):
 class IndexConfig:
   """How to index item vectors; the exact backend reads only `backend` and `batch_size`.
 
-  backend: "scann" (approximate, for catalogue-scale queries) or "exact" (ground truth).
+  backend: "scann" (approximate, for catalogue-scale queries), "exact" (ground truth) or
+    "auto" (exact below `SCANN_MIN_ITEMS` items, ScaNN from there on).
   num_leaves: k-means partitions of the items; 0 picks round(sqrt(N)), the usual balance
     between scoring centroids and scoring the items of the chosen partitions.
-  num_leaves_to_search: partitions scored per query; 0 picks num_leaves / 20 (at least 1):
-    on a million clustered 128-d vectors (bench_index, 2 CPU cores) that gave recall@10 0.99
-    at over 40 times the exact backend's queries per second.
+  num_leaves_to_search: partitions scored per query; 0 picks num_leaves / 20, raised to reach
+    about `MIN_SCANNED` items: on a million clustered 128-d vectors (bench_index, 2 CPU
+    cores) num_leaves / 20 gave recall@10 0.99 at over 40 times the exact backend's queries
+    per second, but on 10,000 items it gave 0.70 and the 2,000-item floor 0.99.
   dims_per_block: dimensions per 4-bit asymmetric-hashing code; 2 keeps the coarse scores
     accurate enough for `reorder` to repair.
   anisotropic_threshold: ScaNN's anisotropic quantization threshold, which weights the
     quantization error of items whose dot product with a query exceeds it; 0 turns it off.
-  reorder: coarse candidates rescored with the float vectors (at least 1: the float vectors
-    are what `neighbors` and `ScannIndex.load` read back).
+  reorder: coarse candidates rescored with the float vectors, at least (1 or more: the float
+    vectors are what `neighbors` and `ScannIndex.load` read back); a search rescores at least
+    `REORDER_PER_RESULT` per result it asks for, or recall@20 stops near 0.985.
   training_sample_size: items sampled to train the partitions and the codebooks.
   batch_size: queries per search call.
   """
-  backend: str = "scann"
+  backend: str = "auto"
   num_leaves: int = 0
   num_leaves_to_search: int = 0
   dims_per_block: int = 2
@@ -118,8 +125,19 @@ class IndexConfig:
   def tree_shape(self, num_items):
     """(num_leaves, num_leaves_to_search) for `num_items` items, automatic choices filled in."""
     leaves = max(1, min(self.num_leaves or round(math.sqrt(num_items)), num_items))
-    search = self.num_leaves_to_search or max(1, round(leaves / 20))
+    floor = math.ceil(leaves * MIN_SCANNED / num_items)
+    search = self.num_leaves_to_search or max(1, round(leaves / 20), floor)
     return leaves, min(search, leaves)
+
+  def resolve_backend(self, num_items):
+    """The backend that indexes `num_items` items: "auto" becomes "exact" or "scann".
+
+    Below `SCANN_MIN_ITEMS` items exact search of every item against every item takes about a
+    second on 2 CPU cores, and ScaNN has to scan most partitions to reach high recall anyway.
+    """
+    if self.backend != "auto":
+      return self.backend
+    return "exact" if num_items < SCANN_MIN_ITEMS else "scann"
 
 
 def _is_int(value):
@@ -192,6 +210,7 @@ class ExactIndex:
   Batches hold `batch_size` queries, the last one padded to a power of two rows, and exclusion
   lists are padded to a power of two width, which bounds how many shapes get compiled.
   """
+  backend = "exact"
 
   def __init__(self, vectors, normalize=True, batch_size=4096):
     if not _is_int(batch_size) or batch_size < 1:
@@ -209,6 +228,10 @@ class ExactIndex:
   def vectors(self):
     """The indexed (normalised) item vectors, float32 [N, d]."""
     return np.asarray(self._db[:self.num_items])
+
+  def settings(self, k):  # pylint: disable=unused-argument
+    """What searches of k results use: the backend alone."""
+    return {"backend": self.backend}
 
   def search(self, queries, k, exclude=None):
     """(ids int32 [Q, k], scores float32 [Q, k]); see the module docstring."""
@@ -297,8 +320,11 @@ class ScannIndex:
 
   Exclusions are applied by asking ScaNN for k plus the batch's longest exclusion list and
   dropping the excluded ids, so a row still gets k results when excluded ids rank among its
-  best. Search runs ScaNN's batched search on all cores.
+  best. A row that still comes back short (its partitions held too few eligible items) is
+  searched exactly, so -1 pads only rows with fewer than k eligible items, as with the exact
+  backend. Search runs ScaNN's batched search on all cores.
   """
+  backend = "scann"
 
   def __init__(self, vectors, cfg=IndexConfig(), normalize=True):
     vectors = _database(vectors)
@@ -323,15 +349,31 @@ class ScannIndex:
       stop = min(start + self.cfg.batch_size, len(queries))
       extra = 0 if exclude is None else int(_row_lengths(exclude, start, stop).max(initial=0))
       fetch = min(k + extra, self.num_items)
+      batch = _query_batch(queries, start, stop, self.normalize)
       got_ids, got_scores = self._searcher.search_batched_parallel(
-          _query_batch(queries, start, stop, self.normalize), final_num_neighbors=fetch,
-          pre_reorder_num_neighbors=max(self.cfg.reorder, fetch))
+          batch, final_num_neighbors=fetch, pre_reorder_num_neighbors=self.candidates(fetch))
       got_ids = got_ids.astype(np.int64)
       keep = np.isfinite(got_scores)
       if exclude is not None:
         keep &= ~_excluded(got_ids, exclude, start, stop, self.num_items)
       ids[start:stop], scores[start:stop] = _first_kept(got_ids, got_scores, keep, k)
+      for row in np.flatnonzero(ids[start:stop, -1] < 0):
+        skip = () if exclude is None else _row_items(exclude, start + row)
+        ids[start + row], scores[start + row] = _brute_force_row(self.vectors, batch[row], k, skip)
     return ids, scores
+
+  def candidates(self, fetch):
+    """Coarse candidates rescored with the float vectors when `fetch` results are asked for."""
+    return min(max(self.cfg.reorder, REORDER_PER_RESULT * fetch), self.num_items)
+
+  def settings(self, k):
+    """What searches of k results use: backend, partitions, reordering, quantization."""
+    leaves, search = self.cfg.tree_shape(self.num_items)
+    return {"backend": self.backend, "num_leaves": leaves, "num_leaves_to_search": search,
+            "reorder_candidates": self.candidates(min(k, self.num_items)),
+            "dims_per_block": self.cfg.dims_per_block,
+            "anisotropic_threshold": self.cfg.anisotropic_threshold,
+            "training_sample_size": min(self.cfg.training_sample_size, self.num_items)}
 
   def save(self, folder):
     """Write ScaNN's files and index.json (config, shape, file checksums) to `folder`.
@@ -393,6 +435,26 @@ def _excluded(ids, exclude, start, stop, num_items):
   return np.isin(rows * num_items + ids, skip_rows[inside] * num_items + skip[inside])
 
 
+def _row_items(csr, row):
+  return csr.items[csr.offsets[row]:csr.offsets[row + 1]]
+
+
+def _brute_force_row(vectors, query, k, skip):
+  """(ids [k], scores [k]) of one query over all `vectors` by dot product, `skip` ids left out.
+
+  Best first, ties to the lower id, padded with -1 and -inf past the eligible items.
+  """
+  scores = np.asarray(vectors @ query, np.float32)
+  skip = np.asarray(skip, np.int64)
+  scores[skip[(skip >= 0) & (skip < len(scores))]] = -np.inf
+  order = np.argsort(-scores, kind="stable")[:k]
+  ids, out = _empty_results(1, k)
+  found = np.isfinite(scores[order])
+  ids[0, :len(order)] = np.where(found, order, -1)
+  out[0, :len(order)] = np.where(found, scores[order], -np.inf)
+  return ids[0], out[0]
+
+
 def _first_kept(ids, scores, keep, k):
   """The first k kept (id, score) pairs of each row, padded with -1 and -inf."""
   order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
@@ -434,8 +496,9 @@ def _read_meta(folder):
 
 
 def build(vectors, cfg=IndexConfig(), normalize=True):
-  """An index over `vectors` with the backend that `cfg` names."""
-  if cfg.backend == "exact":
+  """An index over `vectors` with the backend that `cfg` names (see `resolve_backend`)."""
+  vectors = _database(vectors)
+  if cfg.resolve_backend(len(vectors)) == "exact":
     return ExactIndex(vectors, normalize=normalize, batch_size=cfg.batch_size)
   return ScannIndex(vectors, cfg, normalize=normalize)
 
@@ -448,3 +511,24 @@ def neighbors(index, m):
   n = index.num_items
   itself = Csr(np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int64))
   return index.search(index.vectors, m, exclude=itself)[0]
+
+
+def recall_at_k(found, truth):
+  """Mean fraction of each row's ids in `truth` (-1 padding aside) that `found` contains."""
+  hits = [len(np.intersect1d(f, t[t >= 0])) / max(1, (t >= 0).sum()) for f, t in zip(found, truth)]
+  return float(np.mean(hits))
+
+
+def neighbor_recall(index, found, queries=RECALL_QUERIES, seed=0):
+  """recall@k of `found` ([N, k], as `neighbors` returns) against exact search.
+
+  Checked on `queries` items drawn with `seed` (every item if there are fewer); an exact index
+  is its own ground truth. Returns {"recall@k", "queries", "seed"}.
+  """
+  n, k = found.shape
+  rows = np.sort(np.random.default_rng(seed).choice(n, min(queries, n), replace=False))
+  exact = index if isinstance(index, ExactIndex) else ExactIndex(index.vectors, normalize=False)
+  itself = Csr(np.arange(len(rows) + 1, dtype=np.int64), rows.astype(np.int64))
+  truth = exact.search(exact.vectors[rows], k, exclude=itself)[0]
+  return {f"recall@{k}": round(recall_at_k(found[rows], truth), 4), "queries": len(rows),
+          "seed": seed}
