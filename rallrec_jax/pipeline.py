@@ -131,9 +131,10 @@ register(Stage(
 
 register(Stage(
     name="index",
-    help="ScaNN (or exact) index of the mixed vectors, top-M neighbours per item, candidate "
-         "generation evaluated on the test period: writes index/ (scann/, neighbors.npy, "
-         "recommend.json)",
+    help="nearest-neighbour index of the mixed vectors (index.backend auto: exact search below "
+         "5,000 items, ScaNN above), top-M neighbours per item and their recall "
+         "against exact search, candidate generation evaluated on the test period: writes "
+         "index/ (scann/, neighbors.npy, metrics.json, recommend.json)",
     run=stages.index, config_keys=("index",), deps=("prepare", "mix"), outputs=("index",)))
 
 register(Stage(
