@@ -108,6 +108,7 @@ def _leaves(tree):
   return [np.asarray(tree)]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_only_process_zero_writes(base, tmp_path):
   single, multi = tmp_path / "single", tmp_path / "multi"
   shutil.copytree(base, single)
