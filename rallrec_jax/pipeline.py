@@ -24,7 +24,7 @@ from typing import Callable
 from rallrec_jax import atomic
 from rallrec_jax import config as config_lib
 from rallrec_jax import data, distributed, stages
-from rallrec_jax.eval import baselines, evaluate, metrics
+from rallrec_jax.eval import baselines, metrics, results
 
 log = logging.getLogger("rallrec_jax")
 
@@ -175,8 +175,8 @@ def results_table(workdir, checkpoint="best"):
   """A text table of the workdir's evaluation of `checkpoint` (best, else the only one stored;
   "" when there is none): each split's eval/{checkpoint}/{split}.json row, naming the
   checkpoint, followed by its {split}_baselines.json rows with AUC(LLM) - AUC(baseline)."""
-  stored = evaluate.stored_results(workdir)
-  name = evaluate.choose(stored, checkpoint)
+  stored = results.stored_results(workdir)
+  name = results.choose(stored, checkpoint)
   if name is None:
     return ""
   lines = []
@@ -384,7 +384,7 @@ def run(cfg, workdir, stages=None, force=False, wait_timeout_s=None):
     workdir.mkdir(parents=True, exist_ok=True)
   else:
     distributed.wait_for(workdir.is_dir, f"{workdir}", wait_timeout_s)
-  status = {}
+  status, wrote_config = {}, False
   for stage in selected:
     expected = _expected(stage, cfg, workdir)
     if not force and _is_current(stage, workdir, read_manifest(workdir, stage.name), expected):
@@ -411,8 +411,9 @@ def run(cfg, workdir, stages=None, force=False, wait_timeout_s=None):
                     finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), run=run_id)
     atomic.write_text(_manifest_path(workdir, stage.name), json.dumps(manifest, indent=1) + "\n")
     log.info("%s: done in %.1f s", stage.name, manifest["seconds"])
-    if list(status.values()).count("ran") == 1:
+    if not wrote_config:
       _write_config(cfg, workdir)
+      wrote_config = True
   return status
 
 

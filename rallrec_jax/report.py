@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 
 from rallrec_jax import atomic
 from rallrec_jax.eval import baselines, bootstrap, metrics
-from rallrec_jax.eval import evaluate as evaluate_lib
+from rallrec_jax.eval import results as results_lib
 
 K_KEY = "retrieval.k"
 LEGEND_WIDTH = 60
@@ -73,12 +73,12 @@ def _results_folder(workdir, split, checkpoint):
   docstring); a one-line error naming what to run when there is none."""
   checkpoint = re.sub(r"^step-(\d+)$", r"\1", str(checkpoint))
   stored = {name: splits[split].parent
-            for name, splits in evaluate_lib.stored_results(workdir).items() if split in splits}
-  name = evaluate_lib.choose(stored, checkpoint)
+            for name, splits in results_lib.stored_results(workdir).items() if split in splits}
+  name = results_lib.choose(stored, checkpoint)
   if name is not None:
     return stored[name]
   flag = "" if str(checkpoint) == "best" else f" --config.eval.checkpoint={checkpoint}"
-  path = evaluate_lib.results_dir(workdir, checkpoint) / f"{split}.json"
+  path = results_lib.results_dir(workdir, checkpoint) / f"{split}.json"
   if not stored:
     raise ReportError(f"{path} missing: run --stages evaluate{flag} (with '{split}' in "
                       "eval.splits)")

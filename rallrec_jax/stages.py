@@ -18,6 +18,7 @@ from rallrec_jax import config as config_lib
 from rallrec_jax.align import contrastive, mix as mix_lib
 from rallrec_jax.cf import lightgcn
 from rallrec_jax.eval import baselines, evaluate, metrics
+from rallrec_jax.eval import results as results_lib
 from rallrec_jax.llm import load_pretrained, lora, tiny
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import candidates, history, index as index_lib
@@ -402,7 +403,7 @@ def _restore_checkpoint(cfg, workdir, lm, choice):
 
 def _write_results(workdir, choice, results):
   """eval/{checkpoint}/, replaced whole: each split's json, predictions and baselines."""
-  with atomic.directory(evaluate.results_dir(workdir, choice)) as tmp:
+  with atomic.directory(results_lib.results_dir(workdir, choice)) as tmp:
     for split, (metrics_dict, examples, scores, table) in results.items():
       evaluate.write_eval(tmp, split, metrics_dict, examples["sample"], examples["label"],
                           scores)
@@ -413,7 +414,7 @@ def evaluate_stage(cfg, workdir):
   """eval/{checkpoint}/{split}.json and predictions: P(yes) of a checkpoint (or zero-shot) on
   each split, with log loss also after one temperature fitted on the validation prompts; and
   {split}_baselines.json beside them, non-LLM baselines fitted on the train split, on the same
-  rows. Each checkpoint choice has its own folder (`evaluate.checkpoint_name`)."""
+  rows. Each checkpoint choice has its own folder (`results.checkpoint_name`)."""
   workdir = Path(workdir)
   dataset = data.load_dataset(workdir)
   primary = distributed.is_primary()
@@ -446,7 +447,7 @@ def evaluate_stage(cfg, workdir):
                         _baselines(workdir, dataset, fitted, split, examples, scores))
   if primary:
     _write_results(workdir, choice, results)
-    log.info("evaluate: results in %s", evaluate.results_dir(workdir, choice))
+    log.info("evaluate: results in %s", results_lib.results_dir(workdir, choice))
 
 
 def mix(cfg, workdir):

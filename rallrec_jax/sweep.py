@@ -17,6 +17,7 @@ from pathlib import Path
 import ml_collections
 
 from rallrec_jax import config as config_lib
+from rallrec_jax.eval import results
 
 K_VALUES = (5, 10, 15, 20, 25, 30)
 POOL_SIZES = (256, 512, 1024, 2048, 4096, 8192)
@@ -197,7 +198,5 @@ def done(workdir, cfg):
   workdir = Path(workdir)
   if not (workdir / "manifests" / "evaluate.json").is_file():
     return False
-  # Imported here: it loads JAX, which a sweep without evaluated runs never needs.
-  from rallrec_jax.eval import evaluate  # pylint: disable=import-outside-toplevel
-  results = evaluate.results_dir(workdir, cfg.eval.checkpoint)
-  return all((results / f"{split}.json").is_file() for split in cfg.eval.splits)
+  folder = results.results_dir(workdir, cfg.eval.checkpoint)
+  return all((folder / f"{split}.json").is_file() for split in cfg.eval.splits)

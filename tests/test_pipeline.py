@@ -17,6 +17,13 @@ def ml1m_config(folder):
   return cfg
 
 
+def register_after_prepare(monkeypatch, **fields):
+  """Add a stage reading `prepare`'s artifacts to a copy of the registry, for this test only."""
+  monkeypatch.setattr(pipeline, "STAGES", dict(pipeline.STAGES))
+  pipeline.register(pipeline.Stage(help=f"writes {', '.join(fields['outputs'])}",
+                                   deps=("prepare",), **fields))
+
+
 @pytest.fixture
 def folder(tmp_path):
   return write_ml1m(tmp_path / "ml-1m", random_ratings())
@@ -57,10 +64,8 @@ def test_downstream_stage_needs_a_current_upstream(tmp_path, folder, monkeypatch
     n = json.loads((workdir / "data" / "meta.json").read_text())["num_items"]
     (workdir / "count.txt").write_text(str(n))
 
-  monkeypatch.setattr(pipeline, "STAGES", dict(pipeline.STAGES))
-  pipeline.register(pipeline.Stage(name="count", help="writes count.txt", run=count_items,
-                                   config_keys=("retrieval",), deps=("prepare",),
-                                   outputs=("count.txt",)))
+  register_after_prepare(monkeypatch, name="count", run=count_items,
+                         config_keys=("retrieval",), outputs=("count.txt",))
   workdir = tmp_path / "w"
   cfg = ml1m_config(folder)
   with pytest.raises(pipeline.PipelineError,
@@ -99,10 +104,8 @@ def test_force_starts_a_resumable_stage_afresh(tmp_path, folder, monkeypatch, ca
     (workdir / "partial" / f"step{len(found)}").write_text("state")
     (workdir / "done.txt").write_text("done")
 
-  monkeypatch.setattr(pipeline, "STAGES", dict(pipeline.STAGES))
-  pipeline.register(pipeline.Stage(name="train", help="writes done.txt", run=resumable,
-                                   deps=("prepare",), outputs=("done.txt",),
-                                   resumes=("partial",)))
+  register_after_prepare(monkeypatch, name="train", run=resumable, outputs=("done.txt",),
+                         resumes=("partial",))
   workdir = tmp_path / "w"
   cfg = ml1m_config(folder)
   pipeline.run(cfg, workdir, stages=["prepare", "train"])

@@ -12,7 +12,8 @@ import pytest
 
 from rallrec_jax import config as config_lib
 from rallrec_jax import report
-from rallrec_jax.eval import baselines, bootstrap, evaluate, metrics
+from rallrec_jax.eval import baselines, bootstrap, metrics
+from rallrec_jax.eval import results as results_lib
 from rallrec_jax.eval.evaluate import write_eval
 from tests.conftest import REPO
 
@@ -45,7 +46,7 @@ def add_eval(folder, labels, scores, samples=None, checkpoint="best", step=7, ca
   summary = {**metrics.all_metrics(labels, scores), "step": step, "checkpoint": checkpoint,
              "temperature": 1.5 if calibrated else None,
              "logloss_calibrated": 0.5 if calibrated else None}
-  results = evaluate.results_dir(folder, checkpoint) if results is None else results
+  results = results_lib.results_dir(folder, checkpoint) if results is None else results
   write_eval(results, "test", summary, samples, labels, scores)
 
 

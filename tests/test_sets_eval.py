@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 
-from rallrec_jax.eval import evaluate
+from rallrec_jax.eval import evaluate, results
 from rallrec_jax.llm import load_pretrained, lora, score
 from rallrec_jax.llm.model import Decoder
 from rallrec_jax.prompts import render
@@ -170,7 +170,7 @@ def test_evaluate_split_matches_sklearn():
 
 def test_write_eval_round_trip(tmp_path):
   metrics = {"auc": 0.7, "logloss": 0.6, "acc": 0.65, "n": 3, "logloss_calibrated": None}
-  folder = evaluate.results_dir(tmp_path, "best")
+  folder = results.results_dir(tmp_path, "best")
   summary, predictions = evaluate.write_eval(folder, "test", metrics, [4, 0, 9], [1, 0, 1],
                                              np.array([0.9, 0.2, 0.4]))
   assert summary == tmp_path / "eval" / "best" / "test.json"
@@ -183,11 +183,11 @@ def test_write_eval_round_trip(tmp_path):
 
 
 def test_each_checkpoint_choice_has_its_own_folder():
-  names = [evaluate.checkpoint_name(c) for c in ("best", "latest", "none", 16, "0016")]
+  names = [results.checkpoint_name(c) for c in ("best", "latest", "none", 16, "0016")]
   assert names == ["best", "latest", "none", "step-16", "step-16"]
-  other = evaluate.checkpoint_name("/runs/a b/checkpoints")
+  other = results.checkpoint_name("/runs/a b/checkpoints")
   assert re.fullmatch(r"folder-runs_a_b_checkpoints-[0-9a-f]{8}", other)
-  assert evaluate.checkpoint_name("/runs/a_b/checkpoints") != other
+  assert results.checkpoint_name("/runs/a_b/checkpoints") != other
 
 
 def test_capped_rows_first_spread_and_all():

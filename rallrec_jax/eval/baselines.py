@@ -27,7 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from rallrec_jax import atomic
-from rallrec_jax.eval import bootstrap, metrics
+from rallrec_jax.eval import bootstrap, metrics, results
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import history
 
@@ -38,7 +38,7 @@ RESAMPLES = 1000    # bootstrap resamples of the AUC and AUC-difference CIs
 TITLES = {"item_like_rate": "item like-rate", "user_like_rate": "user like-rate",
           "user_mean_rating": "user mean rating", "logistic_regression": "logistic regression"}
 PROBABILITIES = ("item_like_rate", "user_like_rate", "logistic_regression")
-SUFFIX = "_baselines"  # eval/{checkpoint}/{split}_baselines.json
+SUFFIX = results.BASELINES_SUFFIX  # eval/{checkpoint}/{split}_baselines.json
 
 
 @dataclasses.dataclass
