@@ -10,6 +10,8 @@ A KV cache, when given, is a list (one entry per layer) of {"k", "v"} arrays
 token goes, and `kv_mask` [batch, cache_len] marks the slots that hold real tokens. Attention
 runs through `jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPUs.
 """
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,9 +49,12 @@ class Dense(nn.Module):
     in_dims = x.shape[x.ndim - self.in_ndim:]
     kernel = self.param("kernel", _init(self.names), (*in_dims, *self.features),
                         self.param_dtype)
-    contract = tuple(range(x.ndim - self.in_ndim, x.ndim))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((contract, tuple(range(self.in_ndim))), ((), ())))
+    # One 2-D matmul over the flattened leading axes: XLA's CPU backend runs the gradient of a
+    # batched contraction 2-3x slower than that of the same matmul in two dimensions.
+    lead = x.shape[:x.ndim - self.in_ndim]
+    y = jnp.dot(x.astype(self.dtype).reshape(-1, math.prod(in_dims)),
+                kernel.astype(self.dtype).reshape(math.prod(in_dims), -1))
+    y = y.reshape(*lead, *self.features)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_names),
                         self.features, self.param_dtype)
