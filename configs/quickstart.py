@@ -32,11 +32,15 @@ def get_config(arg=None):
   # A random decoder learns nothing with LoRA alone: train every weight on the whole train split,
   # from weights drawn at about 1/sqrt(hidden_size) (0.02 leaves its attention near uniform).
   c.model.tiny.init_std = 0.1
+  # Two query heads sharing one KV head: attention dominates this decoder's step on a CPU, and
+  # halving its heads halves the step (0.89 -> 0.45 s per update of 64 x 224 tokens). Model
+  # selection and the results read every validation and test sample (eval_samples=0, max_samples=0).
+  c.model.tiny.update(dict(num_heads=2, num_kv_heads=1))
   c.finetune.update(dict(
       method="full", loss="answer", pool_size=8192, batch_size=64, grad_accum=1, lr=3e-3,
-      warmup=20, epochs=2, eval_samples=300, eval_rows="spread", max_length=512, patience=0))
+      warmup=20, epochs=4, eval_samples=0, eval_rows="spread", max_length=512, patience=0))
   c.eval.splits = ("valid", "test")
-  c.eval.max_samples = 500
+  c.eval.max_samples = 0
   c.eval.rows = "spread"
   if arg.runlocal:
     c.data.synthetic.num_users = 60

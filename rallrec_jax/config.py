@@ -271,10 +271,13 @@ def validate(cfg):
          f"must lie in (0, 1), got {cfg.align.heldout!r}")
   _check(cfg.finetune.variant in FINETUNE_VARIANTS, "finetune.variant",
          f"{cfg.finetune.variant!r} is not one of {FINETUNE_VARIANTS}")
-  for key in ("pool_size", "mixed_size", "max_length", "batch_size", "grad_accum", "epochs",
-              "eval_samples"):
+  for key in ("pool_size", "mixed_size", "max_length", "batch_size", "grad_accum", "epochs"):
     _check(isinstance(cfg.finetune[key], int) and cfg.finetune[key] > 0, f"finetune.{key}",
            f"must be a positive integer, got {cfg.finetune[key]!r}")
+  _check(isinstance(cfg.finetune.eval_samples, int) and cfg.finetune.eval_samples >= 0,
+         "finetune.eval_samples",
+         f"must be a non-negative integer (0: every validation sample), got "
+         f"{cfg.finetune.eval_samples!r}")
   _check(cfg.finetune.lr > 0, "finetune.lr", f"must be > 0, got {cfg.finetune.lr!r}")
   _check(isinstance(cfg.finetune.warmup, int) and cfg.finetune.warmup >= 0, "finetune.warmup",
          f"must be a non-negative integer (updates), got {cfg.finetune.warmup!r}")
