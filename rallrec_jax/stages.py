@@ -20,7 +20,7 @@ from rallrec_jax.cf import lightgcn
 from rallrec_jax.eval import baselines, evaluate, metrics
 from rallrec_jax.eval import results as results_lib
 from rallrec_jax.llm import load_pretrained, lora, tiny
-from rallrec_jax.prompts import render
+from rallrec_jax.prompts import item_stats, render
 from rallrec_jax.retrieval import candidates, history, index as index_lib
 from rallrec_jax.text import describe as describe_lib, embed as embed_lib, templates
 from rallrec_jax.train import batches, loop, sets
@@ -79,8 +79,9 @@ def _tiny_model_folder(cfg, workdir, dataset):
 def _tiny_vocabulary_texts(dataset):
   """Texts whose words the tiny tokenizer must know: the items, the description prompts, the
   plain template, and the recommendation question with every rating from 0 to 10 stars and
-  every user's profile, so that no word of a prompt (the target's *** marks, "stars", an
-  occupation) or of an embedded text reads as <unk>."""
+  every user's profile, and the target's like-rate phrase (`finetune.item_stats`), so that no
+  word of a prompt (the target's *** marks, "stars", an occupation) or of an embedded text reads
+  as <unk>."""
   name = dataset.meta["name"]
   texts = [json.dumps(it, ensure_ascii=False) for it in dataset.items]
   texts += [templates.description_prompt(it, name) for it in dataset.items[:50]]
@@ -89,6 +90,7 @@ def _tiny_vocabulary_texts(dataset):
   history = [(titles[r % len(titles)], r) for r in range(11)]
   texts.append(render.render_prompt(dataset.users[0], history, titles[0], name))
   texts += [render.render_prompt(user, [], titles[0], name) for user in dataset.users]
+  texts.append(item_stats.vocabulary_text())
   return texts
 
 
@@ -289,7 +291,7 @@ def _scoring_weights(lm, lora_cfg, weights):
   return {"params": jax.tree.map(lambda x: x.astype(dtype), weights)}
 
 
-def _examples(dataset, tokenizer, split, results, pairs, *, labels, max_length):
+def _examples(dataset, tokenizer, split, results, pairs, *, labels, max_length, item_stats):
   """Examples of (order, sample index) pairs, built per order and put back in pair order."""
   by_order = {}
   for position, (order, sample) in enumerate(pairs):
@@ -299,7 +301,7 @@ def _examples(dataset, tokenizer, split, results, pairs, *, labels, max_length):
   for order, items in by_order.items():
     subset = history.take(results[order], [s for _, s in items])
     built = render.build_examples(dataset, subset, tokenizer, split=split, labels=labels,
-                                  max_length=max_length, order=order)
+                                  max_length=max_length, order=order, item_stats=item_stats)
     for j, (position, _) in enumerate(items):
       for key in ("input_ids", "loss_mask", "label", "sample"):
         out[key][position] = built[key][j]
@@ -313,7 +315,8 @@ def _eval_examples(cfg, workdir, dataset, lm, split, limit, which):
   rows = evaluate.capped_rows(len(result["sample"]), limit, which)
   pairs = [(cfg.retrieval.order, int(s)) for s in result["sample"][rows]]
   return _examples(dataset, lm.tokenizer, split, {cfg.retrieval.order: result}, pairs,
-                   labels=False, max_length=cfg.finetune.max_length)
+                   labels=False, max_length=cfg.finetune.max_length,
+                   item_stats=cfg.finetune.item_stats)
 
 
 def finetune(cfg, workdir):
@@ -340,7 +343,8 @@ def finetune(cfg, workdir):
   pool = sets.pool(len(dataset.splits["train"]), f.pool_size, f.seed)
   pairs = sets.training_set(f.variant, pool, results, order=r.order, mixed_size=f.mixed_size)
   examples = _examples(dataset, lm.tokenizer, "train", results, pairs,
-                       labels=f.loss == "lm", max_length=f.max_length)
+                       labels=f.loss == "lm", max_length=f.max_length,
+                       item_stats=f.item_stats)
   valid = _eval_examples(cfg, workdir, dataset, lm, "valid", f.eval_samples, f.eval_rows)
   yes, no = lm.yes_no_tokens()
   lora_cfg = _lora_config(cfg)

@@ -13,7 +13,7 @@ retrieved items, and of those the oldest goes first.
 import numpy as np
 
 from rallrec_jax.llm.tokenizer import chat_prompt
-from rallrec_jax.prompts import templates
+from rallrec_jax.prompts import item_stats as item_stats_lib, templates
 
 DROP = {"simple": "first", "sequential": "first", "fusion": "first", "high": "last",
         "rerank": "last"}
@@ -113,13 +113,14 @@ def history_ratings(dataset, split, result):
 
 
 def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length=1024,
-                   order="rerank"):
+                   order="rerank", item_stats=False):
   """Token ids and loss masks of every sample of a `retrieve` result, in its row order.
 
   labels=True appends each sample's answer (training); False leaves the prompt open for
   scoring. `order` is the retrieval order that made `result`; it picks the items dropped first
-  when a prompt is too long. Returns input_ids and loss_mask (lists of int32 arrays), label
-  (int8 [N]), sample (index in the split [N]) and kept (history items in each prompt [N]).
+  when a prompt is too long. `item_stats` names the target with its earlier raters' like-rate
+  (`rallrec_jax.prompts.item_stats`). Returns input_ids and loss_mask (lists of int32 arrays),
+  label (int8 [N]), sample (index in the split [N]) and kept (history items in each prompt [N]).
   """
   if order not in DROP:
     raise ValueError(f"unknown retrieval order {order!r}; known: {sorted(DROP)}")
@@ -128,13 +129,17 @@ def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length
   sample = np.asarray(result["sample"], np.int64)
   label = samples.label[sample].astype(np.int8)
   ratings = history_ratings(dataset, split, result)
+  rates = item_stats_lib.target_rates(dataset, split, sample) if item_stats else None
   out = {"input_ids": [], "loss_mask": [], "kept": []}
   for i, (user, target, hist) in enumerate(zip(result["user"], result["target"],
                                                result["history"])):
     pairs = [(dataset.items[item]["title"], rating)
              for item, rating in zip(hist, ratings[i]) if item >= 0]
-    enc = encode_fitted(tokenizer, dataset.users[user], pairs, dataset.items[target]["title"],
-                        name, answer=templates.ANSWERS[bool(label[i])] if labels else None,
+    title = dataset.items[target]["title"]
+    if item_stats:
+      title = f"{title} ({item_stats_lib.phrase(rates[i])})"
+    enc = encode_fitted(tokenizer, dataset.users[user], pairs, title, name,
+                        answer=templates.ANSWERS[bool(label[i])] if labels else None,
                         max_length=max_length, drop=DROP[order])
     for key in out:
       out[key].append(enc[key])

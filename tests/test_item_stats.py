@@ -1,0 +1,82 @@
+"""The target's like-rate in prompts (finetune.item_stats): leak-free, equal to the baseline's."""
+import numpy as np
+import pytest
+
+from rallrec_jax.data import schema
+from rallrec_jax.eval import baselines
+from rallrec_jax.llm import tiny, tokenizer as tok_lib
+from rallrec_jax.prompts import item_stats, render
+
+
+def _samples(rng, n, num_items, t0):
+  return schema.Samples(
+      user=np.zeros(n, np.int32), pos=np.ones(n, np.int32),
+      target=rng.integers(0, num_items, n).astype(np.int32),
+      rating=np.ones(n, np.float32), label=rng.integers(0, 2, n).astype(np.int8),
+      # Few distinct timestamps, so that ties are common.
+      timestamp=t0 + rng.integers(0, 40, n))
+
+
+def _dataset(seed=0, num_items=7):
+  rng = np.random.default_rng(seed)
+  splits = {"train": _samples(rng, 300, num_items, 0), "test": _samples(rng, 50, num_items, 100)}
+  items = [{"title": f"Item{i}", "genres": []} for i in range(num_items)]
+  return schema.Dataset(meta={"name": "ml1m", "sampling": "chronological"}, items=items,
+                        users=[{"gender": "M", "age": 1, "occupation": "writer"}],
+                        timelines=schema.Timelines(
+                            offsets=np.array([0, 1]), item=np.zeros(1, np.int32),
+                            rating=np.full(1, 4.0, np.float32), timestamp=np.full(1, -1)),
+                        splits=splits)
+
+
+def test_train_rates_count_only_earlier_train_samples():
+  ds = _dataset()
+  train = ds.splits["train"]
+  rate = train.label.mean()
+  samples = np.arange(len(train))
+  got = item_stats.target_rates(ds, "train", samples)
+  for i in samples:
+    earlier = [j for j in samples if (train.timestamp[j], j) < (train.timestamp[i], i)
+               and train.target[j] == train.target[i]]
+    likes = sum(int(train.label[j]) for j in earlier)
+    want = (likes + item_stats.PRIOR * rate) / (len(earlier) + item_stats.PRIOR)
+    assert got[i] == pytest.approx(want, abs=1e-12), i
+
+
+def test_test_rates_equal_the_item_like_rate_baseline():
+  ds = _dataset()
+  train = ds.splits["train"]
+  label = train.label.astype(np.float64)
+  fitted = baselines.Fitted(
+      item_likes=np.bincount(train.target, weights=label, minlength=7),
+      item_count=np.bincount(train.target, minlength=7).astype(np.float64),
+      like_rate=float(label.mean()), mean_rating=1.0, threshold=3.0, model=None)
+  samples = np.arange(50)
+  np.testing.assert_allclose(item_stats.target_rates(ds, "test", samples),
+                             fitted.item_rate(ds.splits["test"].target[samples]))
+
+
+def test_prompt_names_the_target_with_its_rate(tmp_path):
+  ds = _dataset()
+  folder = tmp_path / "tok"
+  tiny.word_tokenizer(folder, tiny.vocabulary(
+      [" ".join(it["title"] for it in ds.items), item_stats.vocabulary_text(),
+       render.render_prompt(ds.users[0], [], "Item0", "ml1m")]))
+  tok = tok_lib.load(folder)
+  result = {"sample": np.array([3, 4]), "user": np.array([0, 0], np.int32),
+            "target": ds.splits["test"].target[[3, 4]],
+            "history": np.zeros((2, 1), np.int32)}
+  out = render.build_examples(ds, result, tok, split="test", labels=False, item_stats=True)
+  rates = item_stats.target_rates(ds, "test", [3, 4])
+  for row, rate, target in zip(out["input_ids"], rates, result["target"]):
+    title = f"Item{target} ({item_stats.phrase(rate)})"
+    text = render.render_prompt(ds.users[0], [("Item0", 4.0)], title, "ml1m")
+    np.testing.assert_array_equal(row, render.encode(tok, text)["input_ids"])
+    assert tok.unk_token_id not in row.tolist()
+  plain = render.build_examples(ds, result, tok, split="test", labels=False)
+  assert "raters" not in tok.decode(plain["input_ids"][0])
+
+
+def test_phrase_rounds_to_whole_percent():
+  assert item_stats.phrase(0.6449) == "liked by 64% of its earlier raters"
+  assert item_stats.phrase(1.0) == "liked by 100% of its earlier raters"
