@@ -1,9 +1,27 @@
-"""Atomic writes: readers see the old artifact or the new one, never half of one."""
+"""Atomic writes: readers see the old artifact or the new one, never half of one.
+
+Artifacts get the modes an ordinary open() or mkdir() would give them under the umask, not the
+private 0600 / 0700 of the temporary names they are written under.
+"""
 import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+
+def _umask():
+  """The process umask, read from /proc where it can be, so other threads never see it changed."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 @contextlib.contextmanager
@@ -15,6 +33,7 @@ def open_file(path, mode="wb"):
   try:
     with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
       yield f
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
@@ -38,6 +57,7 @@ def directory(path):
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
   try:
+    tmp.chmod(0o777 & ~_umask())
     yield tmp
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

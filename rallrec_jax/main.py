@@ -10,6 +10,7 @@ in this order; each one whose inputs and config are unchanged since its last run
 {stages}
 """
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -72,6 +73,8 @@ def main(argv):
   # Library chatter (orbax, jax) at warnings only; the pipeline's own progress at info.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("rallrec_jax").setLevel(logging.INFO)
+  # transformers warns on import that PyTorch is missing; this JAX pipeline never needs it.
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   try:
     distributed.initialize()
     status = pipeline.run(_CONFIG.value, _WORKDIR.value, stages=_STAGES.value, force=_FORCE.value)

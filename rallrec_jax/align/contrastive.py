@@ -18,13 +18,13 @@ measure how well the two views retrieve each other.
   z = joint(params, text, cf)          # [N, out_dim], unit rows
 """
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
+
+from rallrec_jax import progress as progress_lib
 
 LOG_EVERY = 10  # epochs between log lines (every epoch is in the returned history)
 
@@ -106,7 +106,7 @@ def train(text, cf, train_items, heldout_items, *, hidden=256, out_dim=64, tempe
   batch_size = min(batch_size, len(train_items))
   order_rng = np.random.default_rng(seed)
   history = []
-  bar = tqdm(range(1, epochs + 1), unit="epoch", disable=not progress or not sys.stderr.isatty())
+  bar = progress_lib.bar(range(1, epochs + 1), unit="epoch", disable=not progress)
   for epoch in bar:
     losses = []
     for rows in _batches(order_rng.permutation(train_items), batch_size):

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
+
+from rallrec_jax import progress
 
 EDGE_CHUNK = 16384   # edges per scatter-add; keeps the [chunk, dim] temporary in cache
 INIT_STD = 0.1
@@ -335,8 +336,8 @@ def train(user, item, num_users, num_items, *, dim=128, num_layers=3, lr=1e-3, l
     log(f"lightgcn: resumed from {checkpoint_dir} at epoch {start}")
   step = make_train_step(optimizer, num_layers, l2)
   steps = -(-len(positives.item) // batch_size)
-  bar = tqdm(total=epochs * steps, initial=min(start, epochs) * steps, unit="batch",
-             desc="lightgcn", disable=None)
+  bar = progress.bar(total=epochs * steps, initial=min(start, epochs) * steps, unit="batch",
+                     desc="lightgcn", disable=None)
   for epoch in range(start + 1, epochs + 1):
     began = time.perf_counter()
     state, loss = _run_epoch(step, state, graph, positives, batch_size,

@@ -12,9 +12,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
-from rallrec_jax import atomic, distributed
+from rallrec_jax import atomic, distributed, progress as progress_lib
 from rallrec_jax.eval import metrics
 from rallrec_jax.llm import lora, score
 from rallrec_jax.llm.model import Decoder
@@ -61,8 +60,8 @@ def score_examples(lm, examples, yes_id, no_id, adapters=None, lora_cfg=None, ba
   params = lm.params if params is None else params
   out = np.zeros((len(lengths), 2), np.float32)
   order = np.argsort(-lengths, kind="stable")
-  bar = tqdm(total=len(order), desc="score", unit="prompt",
-             disable=not progress or not distributed.is_primary())
+  bar = progress_lib.bar(total=len(order), desc="score", unit="prompt",
+                         disable=not progress or not distributed.is_primary())
   for begin in range(0, len(order), batch_size):
     rows = order[begin:begin + batch_size]
     filled = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows))])

@@ -10,14 +10,12 @@ Batches are left-padded, so the last position is the last real token of every ro
 tokens (and a fixed number of rows), so that only a few shapes are ever compiled.
 """
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from rallrec_jax import parallel
+from rallrec_jax import parallel, progress as progress_lib
 from rallrec_jax.llm import tokenizer as tokenizer_lib
 from rallrec_jax.llm.model import Decoder
 
@@ -57,8 +55,8 @@ def _run(lm, prompts, fn, row_shape, batch_size, chat, bucket, progress):
   """Tokenize, batch by length, apply `fn` and put the rows back in the prompts' order.
 
   `chat` wraps each prompt in the tokenizer's chat template (which carries its own special
-  tokens); `progress` shows a bar on a terminal. Each batch is dispatched before the previous
-  one is fetched, so the device works while the host packs the next batch.
+  tokens); `progress` shows a bar (plain lines off a terminal). Each batch is dispatched
+  before the previous one is fetched, so the device works while the host packs the next batch.
   """
   tokens = _tokenize(lm.tokenizer, prompts, chat)
   lengths = np.array([len(t) for t in tokens], np.int64)
@@ -67,8 +65,7 @@ def _run(lm, prompts, fn, row_shape, batch_size, chat, bucket, progress):
   pad_id = lm.tokenizer.pad_token_id or 0
   out = np.zeros((len(tokens),) + row_shape, np.float32)
   pending = []
-  with tqdm(total=len(tokens), unit="prompt",
-            disable=not progress or not sys.stderr.isatty()) as bar:
+  with progress_lib.bar(total=len(tokens), unit="prompt", disable=not progress) as bar:
     for rows, length in _plan(lengths, rows_per_batch, bucket):
       ids, mask = _pack(tokens, rows, length, rows_per_batch, pad_id)
       pending.append((rows, fn(lm.cfg, lm.params, _place(lm, ids), _place(lm, mask), yes_id,

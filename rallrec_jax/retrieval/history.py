@@ -33,9 +33,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
-from rallrec_jax import atomic
+from rallrec_jax import atomic, progress
 
 ORDERS = ("simple", "high", "sequential", "rerank", "fusion")
 MAX_BLOCK = 64           # samples per block, at most
@@ -251,8 +250,8 @@ def _scored_calls(dataset, samples, embeddings, k, max_history, half_life, batch
   try:
     compiled = [pool.submit(_compile, kernel, table, _decay_table(width, half_life),
                             len(calls[0]), size, width, k) for width, calls in plan]
-    for (width, calls), ready in tqdm(list(zip(plan, compiled)), desc="retrieve",
-                                      unit="bucket", disable=len(samples) < PROGRESS_MIN):
+    for (width, calls), ready in progress.bar(list(zip(plan, compiled)), desc="retrieve",
+                                              unit="bucket", disable=len(samples) < PROGRESS_MIN):
       ready.result()
       decay = _decay_table(width, half_life)
       for call in calls:

@@ -10,8 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from tqdm import tqdm
-
+from rallrec_jax import progress as progress_lib
 from rallrec_jax.llm import generate
 from rallrec_jax.text import templates
 
@@ -56,8 +55,8 @@ def describe(lm, items, dataset, path, *, batch_size=16, max_new_tokens=128, tem
   """
   done = read_done(path)
   todo = [it for it in items if it["id"] not in done]
-  bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="item", desc="describe",
-             disable=not progress)
+  bar = progress_lib.bar(total=len(items), initial=len(items) - len(todo), unit="item",
+                         desc="describe", disable=not progress)
   with open(path, "a", encoding="utf-8") as f:
     for i in range(0, len(todo), batch_size):
       batch = todo[i:i + batch_size]

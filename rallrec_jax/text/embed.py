@@ -14,9 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
-from rallrec_jax import parallel
+from rallrec_jax import parallel, progress as progress_lib
 from rallrec_jax.config import EMBED_POOLS
 from rallrec_jax.llm.model import Decoder
 
@@ -48,8 +47,8 @@ def embed_texts(lm, texts, *, pool="hidden", batch_size=32, bucket=32, max_lengt
   out = np.zeros((len(texts), lm.cfg.hidden_size), np.float32)
   pad = tok.pad_token_id or 0
   with parallel.activation_sharding(lm.mesh, lm.rules):
-    for start in tqdm(range(0, len(order), batch_size), desc="embed", unit="batch",
-                      disable=not progress):
+    for start in progress_lib.bar(range(0, len(order), batch_size), desc="embed", unit="batch",
+                                  disable=not progress):
       rows = order[start:start + batch_size]
       length = _round_up(max(len(ids[r]) for r in rows), bucket)
       batch = np.full((batch_size, length), pad, np.int32)

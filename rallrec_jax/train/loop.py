@@ -18,9 +18,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
-from tqdm import tqdm
 
-from rallrec_jax import atomic, parallel
+from rallrec_jax import atomic, parallel, progress
 from rallrec_jax.llm import flops
 from rallrec_jax.train import checkpoint, step as step_lib
 
@@ -230,8 +229,8 @@ def _train(lm, step_fn, state, meta, step, mngr, train_batches_fn, preempted, op
   per_token = (flops.full_train_flops_per_token if opts["full"]
                else flops.lora_train_flops_per_token)(lm.cfg, 0)
   batches = iter(train_batches_fn(meta["position"]))
-  bar = tqdm(total=steps, initial=step, disable=not opts["progress"],
-             desc="full" if opts["full"] else "lora")
+  bar = progress.bar(total=steps, initial=step, disable=not opts["progress"],
+                     desc="full" if opts["full"] else "lora")
   start, first, loss, status = time.perf_counter(), step, None, "complete"
   while step < steps:
     tick = time.perf_counter()
