@@ -12,6 +12,7 @@ def folder(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow  # about 22 s for both precisions; `-m slow` runs them
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 1e-2)])
 def test_both_sides_run_in_the_same_precision(folder, dtype, tolerance):
   step = bench_lora.bench_lora_step(folder, seq=16, batch=2, steps=1, dtype=dtype)
