@@ -79,16 +79,17 @@ def _tiny_model_folder(cfg, workdir, dataset):
 def _tiny_vocabulary_texts(dataset):
   """Texts whose words the tiny tokenizer must know: the items, the description prompts, the
   plain template, and the recommendation question with every rating from 0 to 10 stars and
-  every user's profile, and the target's like-rate phrase (`finetune.item_stats`), so that no
-  word of a prompt (the target's *** marks, "stars", an occupation) or of an embedded text reads
-  as <unk>."""
+  every user's profile, the history summary (`finetune.user_stats`) and the target's like-rate
+  phrase (`finetune.item_stats`), so that no word of a prompt (the target's *** marks, "stars",
+  an occupation) or of an embedded text reads as <unk>."""
   name = dataset.meta["name"]
   texts = [json.dumps(it, ensure_ascii=False) for it in dataset.items]
   texts += [templates.description_prompt(it, name) for it in dataset.items[:50]]
   texts += [templates.plain_text(it, name) for it in dataset.items[:50]]
   titles = [it["title"] for it in dataset.items[:11]]
   history = [(titles[r % len(titles)], r) for r in range(11)]
-  texts.append(render.render_prompt(dataset.users[0], history, titles[0], name))
+  texts.append(render.render_prompt(dataset.users[0], history, titles[0], name,
+                                    threshold=dataset.meta["label_threshold"]))
   texts += [render.render_prompt(user, [], titles[0], name) for user in dataset.users]
   texts.append(item_stats.vocabulary_text())
   return texts
@@ -291,7 +292,8 @@ def _scoring_weights(lm, lora_cfg, weights):
   return {"params": jax.tree.map(lambda x: x.astype(dtype), weights)}
 
 
-def _examples(dataset, tokenizer, split, results, pairs, *, labels, max_length, item_stats):
+def _examples(dataset, tokenizer, split, results, pairs, *, labels, max_length, item_stats,
+              user_stats):
   """Examples of (order, sample index) pairs, built per order and put back in pair order."""
   by_order = {}
   for position, (order, sample) in enumerate(pairs):
@@ -301,7 +303,8 @@ def _examples(dataset, tokenizer, split, results, pairs, *, labels, max_length, 
   for order, items in by_order.items():
     subset = history.take(results[order], [s for _, s in items])
     built = render.build_examples(dataset, subset, tokenizer, split=split, labels=labels,
-                                  max_length=max_length, order=order, item_stats=item_stats)
+                                  max_length=max_length, order=order, item_stats=item_stats,
+                                  user_stats=user_stats)
     for j, (position, _) in enumerate(items):
       for key in ("input_ids", "loss_mask", "label", "sample"):
         out[key][position] = built[key][j]
@@ -316,7 +319,7 @@ def _eval_examples(cfg, workdir, dataset, lm, split, limit, which):
   pairs = [(cfg.retrieval.order, int(s)) for s in result["sample"][rows]]
   return _examples(dataset, lm.tokenizer, split, {cfg.retrieval.order: result}, pairs,
                    labels=False, max_length=cfg.finetune.max_length,
-                   item_stats=cfg.finetune.item_stats)
+                   item_stats=cfg.finetune.item_stats, user_stats=cfg.finetune.user_stats)
 
 
 def finetune(cfg, workdir):
@@ -344,7 +347,7 @@ def finetune(cfg, workdir):
   pairs = sets.training_set(f.variant, pool, results, order=r.order, mixed_size=f.mixed_size)
   examples = _examples(dataset, lm.tokenizer, "train", results, pairs,
                        labels=f.loss == "lm", max_length=f.max_length,
-                       item_stats=f.item_stats)
+                       item_stats=f.item_stats, user_stats=f.user_stats)
   valid = _eval_examples(cfg, workdir, dataset, lm, "valid", f.eval_samples, f.eval_rows)
   yes, no = lm.yes_no_tokens()
   lora_cfg = _lora_config(cfg)

@@ -1,11 +1,13 @@
 """Prompt text per dataset, answer loss masks, fitting to max_length and example building."""
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rallrec_jax.data import schema
+from rallrec_jax.eval import baselines
 from rallrec_jax.llm import tiny, tokenizer as tok_lib
 from rallrec_jax.prompts import render, templates
 
@@ -31,7 +33,8 @@ ML1M_TEXT = (
 def tiny_tok(tmp_path_factory):
   """A word-level tokenizer with a chat template over the words of the test prompts."""
   folder = tmp_path_factory.mktemp("tok")
-  texts = [ML1M_TEXT, " ".join(TITLES), "Kilo Lima Mike 0 1 2 3 4 5 male His He he"]
+  texts = [ML1M_TEXT, " ".join(TITLES), "Kilo Lima Mike 0 1 2 3 4 5 male His He he",
+           "liked these rated on average"]
   tiny.word_tokenizer(folder, tiny.vocabulary(texts))
   return tok_lib.load(folder)
 
@@ -219,3 +222,34 @@ def test_build_examples_fits_and_checks_order(tiny_tok):
                                 render.encode(tiny_tok, text, "No.")["input_ids"])
   with pytest.raises(ValueError, match="unknown retrieval order"):
     render.build_examples(ds, _result(), tiny_tok, split="train", order="random")
+
+
+def test_history_summary_counts_the_listed_items_as_the_baselines_do(tiny_tok):
+  assert templates.history_summary("movie", PROFILE, [r for _, r in HISTORY], 3.0) == (
+      "She liked 2 of these 3 movies, rated 3.2 stars on average.")
+  assert templates.history_summary("book", {}, [8, 3], 4.0) == (
+      "The user liked 1 of these 2 books, rated 5.5 stars on average.")
+  assert templates.history_summary("movie", PROFILE, [], 3.0) is None
+  assert render.render_prompt(PROFILE, HISTORY, TARGET, "ml1m", threshold=3.0) == (
+      ML1M_TEXT.replace("(3.5 stars)\n", "(3.5 stars)\nShe liked 2 of these 3 movies, rated 3.2 "
+                        "stars on average.\n"))
+  ds = schema.Dataset(**dict(vars(_dataset()), meta={"name": "ml1m", "label_threshold": 3.0}))
+  ratings = render.history_ratings(ds, "train", _result())
+  like_rate, mean = baselines._history_features(ds, "train", _result(), 0.5, 3.0, 3.0)
+  for i in range(2):
+    shown = ratings[i][~np.isnan(ratings[i])]
+    liked, count, stars = map(float, re.findall(r"[0-9.]+", templates.history_summary(
+        "movie", ds.users[i], shown, 3.0))[:3])
+    assert (liked / count, count) == (pytest.approx(like_rate[i]), len(shown))
+    assert stars == pytest.approx(mean[i], abs=0.05)
+  # Built prompts carry the summary of the items they keep, after fitting to max_length.
+  full = render.build_examples(ds, _result(), tiny_tok, split="train", order="simple",
+                               user_stats=True)
+  out = render.build_examples(ds, _result(), tiny_tok, split="train", order="simple",
+                              user_stats=True, max_length=len(full["input_ids"][1]) - 1)
+  assert out["kept"].tolist() == [2, 2]
+  text = render.render_prompt(ds.users[1], [("Charlie", 3), ("Alpha", 1)], "Echo", "ml1m",
+                              threshold=3.0)
+  assert "liked 0 of these 2 movies, rated 2.0 stars" in text
+  np.testing.assert_array_equal(out["input_ids"][1],
+                                render.encode(tiny_tok, text, "No.")["input_ids"])

@@ -19,10 +19,15 @@ DROP = {"simple": "first", "sequential": "first", "fusion": "first", "high": "la
         "rerank": "last"}
 
 
-def render_prompt(user, history, target, dataset_name):
-  """The question text of one sample; `history` is (title, rating) pairs in prompt order."""
+def render_prompt(user, history, target, dataset_name, threshold=None):
+  """The question text of one sample; `history` is (title, rating) pairs in prompt order. With a
+  like `threshold` (stars), the list is followed by the user's like count and mean rating over
+  it (`templates.history_summary`)."""
+  kind = templates.kind_of(dataset_name)
   lines = [templates.item_line(title, rating) for title, rating in history]
-  return templates.prompt(templates.kind_of(dataset_name), user, lines, target)
+  summary = (None if threshold is None else
+             templates.history_summary(kind, user, [r for _, r in history], threshold))
+  return templates.prompt(kind, user, lines, target, summary)
 
 
 def encode(tokenizer, user_text, answer=None):
@@ -52,7 +57,7 @@ def _kept(history, n, drop):
 
 
 def encode_fitted(tokenizer, user, history, target, dataset_name, *, answer=None,
-                  max_length=None, drop="last"):
+                  max_length=None, drop="last", threshold=None):
   """`encode` of the sample's prompt with as many history items as fit in `max_length` tokens.
 
   The count is found by binary search (prompt length grows with the item count), so a K-item
@@ -63,7 +68,7 @@ def encode_fitted(tokenizer, user, history, target, dataset_name, *, answer=None
   history = list(history)
 
   def attempt(n):
-    text = render_prompt(user, _kept(history, n, drop), target, dataset_name)
+    text = render_prompt(user, _kept(history, n, drop), target, dataset_name, threshold)
     return dict(encode(tokenizer, text, answer), kept=n)
 
   def fits(enc):
@@ -113,14 +118,16 @@ def history_ratings(dataset, split, result):
 
 
 def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length=1024,
-                   order="rerank", item_stats=False):
+                   order="rerank", item_stats=False, user_stats=False):
   """Token ids and loss masks of every sample of a `retrieve` result, in its row order.
 
   labels=True appends each sample's answer (training); False leaves the prompt open for
   scoring. `order` is the retrieval order that made `result`; it picks the items dropped first
   when a prompt is too long. `item_stats` names the target with its earlier raters' like-rate
-  (`rallrec_jax.prompts.item_stats`). Returns input_ids and loss_mask (lists of int32 arrays),
-  label (int8 [N]), sample (index in the split [N]) and kept (history items in each prompt [N]).
+  (`rallrec_jax.prompts.item_stats`); `user_stats` follows the history with the user's like count
+  and mean rating over the items kept (`templates.history_summary`). Returns input_ids and
+  loss_mask (lists of int32 arrays), label (int8 [N]), sample (index in the split [N]) and kept
+  (history items in each prompt [N]).
   """
   if order not in DROP:
     raise ValueError(f"unknown retrieval order {order!r}; known: {sorted(DROP)}")
@@ -130,6 +137,7 @@ def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length
   label = samples.label[sample].astype(np.int8)
   ratings = history_ratings(dataset, split, result)
   rates = item_stats_lib.target_rates(dataset, split, sample) if item_stats else None
+  threshold = float(dataset.meta["label_threshold"]) if user_stats else None
   out = {"input_ids": [], "loss_mask": [], "kept": []}
   for i, (user, target, hist) in enumerate(zip(result["user"], result["target"],
                                                result["history"])):
@@ -140,7 +148,7 @@ def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length
       title = f"{title} ({item_stats_lib.phrase(rates[i])})"
     enc = encode_fitted(tokenizer, dataset.users[user], pairs, title, name,
                         answer=templates.ANSWERS[bool(label[i])] if labels else None,
-                        max_length=max_length, drop=DROP[order])
+                        max_length=max_length, drop=DROP[order], threshold=threshold)
     for key in out:
       out[key].append(enc[key])
   return dict(out, kept=np.asarray(out["kept"], np.int32), label=label, sample=sample)

@@ -15,6 +15,7 @@ _WORDS = {  # kind -> (things, verb, threshold in stars)
     "book": ("books", "read", 4),
 }
 _HEAD = "{subject} {verb} the following relevant {things} in the past, and rated them:"
+_SUMMARY = "{subject} liked {liked} of these {count} {things}, rated {mean:.1f} stars on average."
 _TAIL = (
     "Note that more stars the user rated the {thing}, the user liked the {thing} more.\n"
     "And we think the user will like a new {thing} if the rating could be higher than "
@@ -67,11 +68,25 @@ def _subject(kind, user):
   return "The user", "the user"
 
 
-def prompt(kind, user, lines, target):
-  """The question for one sample: `lines` are history item lines in prompt order."""
+def history_summary(kind, user, ratings, threshold):
+  """'He liked 3 of these 5 movies, rated 3.8 stars on average.' (the user's like-rate and mean
+  rating over the listed items, as the baselines count them: liked means above `threshold`);
+  None for an empty history."""
+  ratings = [float(r) for r in ratings]
+  if not ratings:
+    return None
+  liked = sum(r > threshold for r in ratings)
+  return _SUMMARY.format(subject=_subject(kind, user)[0], liked=liked, count=len(ratings),
+                         things=_WORDS[kind][0], mean=sum(ratings) / len(ratings))
+
+
+def prompt(kind, user, lines, target, summary=None):
+  """The question for one sample: `lines` are history item lines in prompt order; `summary`, a
+  line after them (`history_summary`, an extension of the paper's prompt) or None."""
   profile = {"movie": _movie_profile, "book": _book_profile}.get(kind, lambda _: "")(user)
   things, verb, threshold = _WORDS[kind]
   subject, pronoun = _subject(kind, user)
   words = dict(subject=subject, verb=verb, things=things, thing=things[:-1],
                threshold=threshold, pronoun=pronoun, target=target)
-  return profile + "\n".join([_HEAD.format(**words), *lines, _TAIL.format(**words)])
+  body = [_HEAD.format(**words), *lines] + ([summary] if summary else [])
+  return profile + "\n".join([*body, _TAIL.format(**words)])
