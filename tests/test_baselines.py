@@ -10,6 +10,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from rallrec_jax import config as config_lib
 from rallrec_jax import data
 from rallrec_jax.eval import baselines
+from rallrec_jax.prompts import item_stats
 
 K = 6
 FIT = 300
@@ -43,7 +44,7 @@ def loop_item_rates(ds, items):
     likes[target] = likes.get(target, 0) + label
     count[target] = count.get(target, 0) + 1
   rate = sum(train.label.tolist()) / len(train)
-  return [(likes.get(i, 0) + baselines.PRIOR * rate) / (count.get(i, 0) + baselines.PRIOR)
+  return [(likes.get(i, 0) + item_stats.PRIOR * rate) / (count.get(i, 0) + item_stats.PRIOR)
           for i in items]
 
 
@@ -89,7 +90,7 @@ def test_scores_match_loop_recomputation(dataset):
   loo = []
   for i in chosen:
     same = [j for j in range(len(train)) if train.target[j] == train.target[i] and j != i]
-    loo.append((train.label[same].sum() + baselines.PRIOR * rate) / (len(same) + baselines.PRIOR))
+    loo.append((train.label[same].sum() + item_stats.PRIOR * rate) / (len(same) + item_stats.PRIOR))
   x = np.column_stack([loo, loop_history(dataset, "train", train_result, chosen)])
   mean, sd = x.mean(0), x.std(0)
   model = LogisticRegression().fit((x - mean) / sd, train.label[chosen])

@@ -1,7 +1,8 @@
 """Non-LLM baselines scored on the rows the LLM is evaluated on, fitted on the train split only.
 
   item_like_rate       the target item's like-rate over the train samples, smoothed towards the
-                       global train like-rate: (likes + PRIOR * rate) / (count + PRIOR).
+                       global train like-rate: (likes + PRIOR * rate) / (count + PRIOR), as
+                       `finetune.item_stats` states it (`rallrec_jax.prompts.item_stats`).
   user_like_rate       the share of the sample's retrieved history items (the K items of its
                        prompt, `retrieval/{split}.npz`) that the user liked (rating above the
                        dataset's label threshold); the global train like-rate when it has none.
@@ -28,10 +29,9 @@ from sklearn.preprocessing import StandardScaler
 
 from rallrec_jax import atomic
 from rallrec_jax.eval import bootstrap, metrics, results
-from rallrec_jax.prompts import render
+from rallrec_jax.prompts import item_stats, render
 from rallrec_jax.retrieval import history
 
-PRIOR = 10.0        # pseudo-samples at the global like-rate added to every item's train counts
 FIT_SAMPLES = 4000  # train samples the logistic regression is fitted on (fast, and plenty for 3)
 SEED = 0            # chooses those samples and seeds the bootstrap
 RESAMPLES = 1000    # bootstrap resamples of the AUC and AUC-difference CIs
@@ -53,8 +53,7 @@ class Fitted:
 
   def item_rate(self, items):
     """Smoothed train like-rate of each item."""
-    return ((self.item_likes[items] + PRIOR * self.like_rate)
-            / (self.item_count[items] + PRIOR))
+    return item_stats.smoothed(self.item_likes[items], self.item_count[items], self.like_rate)
 
 
 def _history_features(dataset, split, result, like_rate, mean_rating, threshold):
@@ -73,14 +72,12 @@ def fit(dataset, train_result, fit_samples=FIT_SAMPLES, seed=SEED):
   """Fitted baselines from the train split's samples and its retrieval result."""
   train = dataset.splits["train"]
   label = train.label.astype(np.float64)
-  like_rate, mean_rating = float(label.mean()), float(train.rating.mean())
-  threshold = float(dataset.meta["label_threshold"])
-  likes = np.bincount(train.target, weights=label, minlength=dataset.num_items)
-  count = np.bincount(train.target, minlength=dataset.num_items).astype(np.float64)
+  likes, count, like_rate = item_stats.train_counts(dataset)
+  mean_rating, threshold = float(train.rating.mean()), float(dataset.meta["label_threshold"])
   chosen = np.sort(np.random.default_rng(seed).permutation(len(train))[:fit_samples])
   rows = history.take(train_result, chosen)
   target, y = train.target[chosen], label[chosen]
-  item = (likes[target] - y + PRIOR * like_rate) / (count[target] - 1 + PRIOR)
+  item = item_stats.smoothed(likes[target] - y, count[target] - 1, like_rate)
   user = _history_features(dataset, "train", rows, like_rate, mean_rating, threshold)
   model = make_pipeline(StandardScaler(), LogisticRegression())
   model.fit(np.stack([item, *user], axis=1), y.astype(np.int64))

@@ -2,8 +2,8 @@
 
 An extension of the paper's prompt (`finetune.item_stats`): the question names the target as
 "***{title} (liked by 64% of its earlier raters)***". The rate is the item's share of liked train
-samples, smoothed towards the global train like-rate exactly as the item like-rate baseline
-(`rallrec_jax.eval.baselines`): (likes + PRIOR * rate) / (count + PRIOR).
+samples, smoothed towards the global train like-rate (`smoothed`), the item like-rate baseline
+of `rallrec_jax.eval.baselines`: (likes + PRIOR * rate) / (count + PRIOR).
 
 Nothing leaks the answer. A valid or test prompt counts every train sample (all of them come
 before the valid and test periods on chronological splits), as the baseline does. A train
@@ -13,39 +13,45 @@ the title the rate minus one like or one dislike gives the label away.
 """
 import numpy as np
 
-PRIOR = 10.0   # pseudo-samples at the global like-rate, as the item like-rate baseline uses
+PRIOR = 10.0   # pseudo-samples at the global train like-rate added to every item's counts
+
+
+def smoothed(likes, count, global_rate):
+  """The like-rate of `likes` liked samples out of `count`, smoothed towards `global_rate`."""
+  return (likes + PRIOR * global_rate) / (count + PRIOR)
+
+
+def train_counts(dataset):
+  """(likes, count) [num_items] of each item's train samples, and the global train like-rate."""
+  train = dataset.splits["train"]
+  label = train.label.astype(np.float64)
+  likes = np.bincount(train.target, weights=label, minlength=dataset.num_items)
+  count = np.bincount(train.target, minlength=dataset.num_items).astype(np.float64)
+  return likes, count, float(label.mean()) if len(label) else 0.5
 
 
 def target_rates(dataset, split, samples):
   """Smoothed like-rate [len(samples)] of each sample's target item, as defined above."""
-  train = dataset.splits["train"]
-  label = train.label.astype(np.float64)
-  global_rate = float(label.mean()) if len(label) else 0.5
   samples = np.asarray(samples, np.int64)
-  target = dataset.splits[split].target[samples]
+  likes, count, global_rate = train_counts(dataset)
   if split != "train":
-    likes = np.bincount(train.target, weights=label, minlength=dataset.num_items)
-    count = np.bincount(train.target, minlength=dataset.num_items).astype(np.float64)
-    return (likes[target] + PRIOR * global_rate) / (count[target] + PRIOR)
-  likes, count = _earlier_counts(train.target, label, train.timestamp)
-  return (likes[samples] + PRIOR * global_rate) / (count[samples] + PRIOR)
+    target = dataset.splits[split].target[samples]
+    return smoothed(likes[target], count[target], global_rate)
+  train = dataset.splits["train"]
+  likes, count = _earlier_counts(train.target, train.label.astype(np.float64), train.timestamp)
+  return smoothed(likes[samples], count[samples], global_rate)
 
 
 def _earlier_counts(target, label, timestamp):
   """Per train sample, the liked and total train samples of its target before it."""
-  order = np.lexsort((np.arange(len(target)), timestamp))
+  order = np.lexsort((np.arange(len(target)), timestamp, target))  # by item, then (time, index)
   t, y = target[order], label[order]
-  # Group by item keeping time order (a stable sort), then an exclusive cumulative sum per group.
-  by_item = np.argsort(t, kind="stable")
-  t_sorted, y_sorted = t[by_item], y[by_item]
-  first = np.r_[True, t_sorted[1:] != t_sorted[:-1]]
-  group_start = np.maximum.accumulate(np.where(first, np.arange(len(t_sorted)), 0))
-  cum_likes = np.cumsum(y_sorted) - y_sorted
-  likes_sorted = cum_likes - cum_likes[group_start]
-  count_sorted = np.arange(len(t_sorted)) - group_start
-  likes, count = np.empty(len(target)), np.empty(len(target))
-  likes[order[by_item]] = likes_sorted
-  count[order[by_item]] = count_sorted
+  start = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])             # each item's first row
+  first = np.repeat(start, np.diff(np.r_[start, len(t)]))
+  likes_before = np.cumsum(y) - y
+  likes, count = np.empty(len(t)), np.empty(len(t))
+  likes[order] = likes_before - likes_before[first]
+  count[order] = np.arange(len(t)) - first
   return likes, count
 
 
