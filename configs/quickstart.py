@@ -35,10 +35,14 @@ def get_config(arg=None):
   # Two query heads sharing one KV head: attention dominates this decoder's step on a CPU, and
   # halving its heads halves the step (0.89 -> 0.45 s per update of 64 x 224 tokens). Model
   # selection and the results read every validation and test sample (eval_samples=0, max_samples=0).
-  c.model.tiny.update(dict(num_heads=2, num_kv_heads=1))
+  # Seed 1 of the random weights (and so of the token vectors `embed` reads) was the better of
+  # two on validation; the two differ by about 0.02 AUC (README, the quickstart's recipe).
+  c.model.tiny.update(dict(num_heads=2, num_kv_heads=1, seed=1))
   # The target is named with its earlier raters' like-rate (finetune.item_stats, an extension
   # of the paper's prompt): 42 prompts per item are too few for the decoder to learn each
-  # item's quality from its title. `--config.finetune.item_stats=false` gives the paper's prompt.
+  # item's quality from its title. `--config.finetune.item_stats=false` gives the paper's prompt;
+  # `--config.finetune.user_stats=true` adds the user's like count and mean rating over the
+  # history (no better on validation).
   c.finetune.update(dict(
       method="full", loss="answer", pool_size=8192, batch_size=64, grad_accum=1, lr=3e-3,
       warmup=20, epochs=4, eval_samples=0, eval_rows="spread", max_length=512, patience=0,
