@@ -52,8 +52,9 @@ class Dense(nn.Module):
     # One 2-D matmul over the flattened leading axes: XLA's CPU backend runs the gradient of a
     # batched contraction 2-3x slower than that of the same matmul in two dimensions.
     lead = x.shape[:x.ndim - self.in_ndim]
-    # Accumulating in float32 is also what lets XLA's CPU backend run 16-bit dots at 16-bit
-    # speed (about 2x float32 with XNNPACK); a bfloat16 result runs them at half float32's.
+    # The dot accumulates in float32 and is cast back: XLA's CPU backend runs a dot with a
+    # bfloat16 result at about half the speed of float32, one that accumulates in float32 at
+    # float32's (README, benchmarks); on accelerators this is what their 16-bit matmuls do.
     y = jnp.dot(x.astype(self.dtype).reshape(-1, math.prod(in_dims)),
                 kernel.astype(self.dtype).reshape(math.prod(in_dims), -1),
                 preferred_element_type=jnp.float32).astype(self.dtype)
