@@ -103,12 +103,13 @@ def base_config():
   # (adapters on `lora.targets`) or full (every weight; small models). `loss`: answer (two-way
   # cross-entropy of the Yes/No logits at the last prompt position, the score evaluation reads)
   # or lm (next-token loss on the answer text, the paper's). `warmup`: updates of linear warmup.
+  # `clip_norm`: clip each update's gradient to this global norm (0: no clipping).
   # `item_stats`: name the target with its earlier raters' like-rate (an extension of the
   # paper's prompt, see rallrec_jax/prompts/item_stats.py). `user_stats`: follow the history
   # list with the user's like count and mean rating over it (rallrec_jax/prompts/templates.py).
   c.finetune = ml_collections.ConfigDict(dict(
       variant="rerank", pool_size=8192, mixed_size=1024, max_length=1024, batch_size=8,
-      grad_accum=32, lr=5e-4, weight_decay=0.0, warmup=0, epochs=20, eval_every=0,
+      grad_accum=32, lr=5e-4, weight_decay=0.0, warmup=0, clip_norm=0.0, epochs=20, eval_every=0,
       eval_samples=1000, eval_rows="first", patience=5, seed=42, method="lora", loss="answer",
       item_stats=False, user_stats=False,
       lora=ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.05,
@@ -285,6 +286,9 @@ def validate(cfg):
   _check(cfg.finetune.lr > 0, "finetune.lr", f"must be > 0, got {cfg.finetune.lr!r}")
   _check(isinstance(cfg.finetune.warmup, int) and cfg.finetune.warmup >= 0, "finetune.warmup",
          f"must be a non-negative integer (updates), got {cfg.finetune.warmup!r}")
+  _check(isinstance(cfg.finetune.clip_norm, (int, float)) and cfg.finetune.clip_norm >= 0,
+         "finetune.clip_norm", f"must be a number >= 0 (0: no clipping), got "
+         f"{cfg.finetune.clip_norm!r}")
   _check(cfg.finetune.loss in FINETUNE_LOSSES, "finetune.loss",
          f"{cfg.finetune.loss!r} is not one of {FINETUNE_LOSSES}")
   _check(cfg.finetune.method in FINETUNE_METHODS, "finetune.method",

@@ -368,7 +368,7 @@ def finetune(cfg, workdir):
 
   summary = loop.fit(lm, lora_cfg, train_batches, steps=updates_per_epoch * f.epochs, lr=f.lr,
                      weight_decay=f.weight_decay, grad_accum=f.grad_accum, warmup=f.warmup,
-                     loss=f.loss, answer_ids=(yes, no),
+                     clip_norm=f.clip_norm, loss=f.loss, answer_ids=(yes, no),
                      checkpoint_dir=workdir / "checkpoints",
                      save_every=f.eval_every or updates_per_epoch,
                      eval_fn=eval_fn, eval_every=f.eval_every or updates_per_epoch,

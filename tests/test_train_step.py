@@ -146,3 +146,20 @@ def test_warmup_then_linear_decay():
   np.testing.assert_allclose([float(lr(s)) for s in (0, 2, 4, 7, 10)],
                              [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
   assert float(loop.schedule(1.0, 10)(0)) == 1.0
+
+
+def test_clip_norm_clips_the_global_norm_before_adamw():
+  params = {"w": jnp.zeros(2)}
+  grads = [{"w": jnp.array([30.0, 40.0])}, {"w": jnp.array([0.3, 0.4])}]  # norms 50 and 0.5
+
+  def run(opt, gs):
+    state, p = opt.init(params), params
+    for g in gs:
+      updates, state = opt.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    return np.asarray(p["w"])
+
+  clipped = run(loop.optimizer(1e-2, 10, clip_norm=1.0), grads)
+  by_hand = run(loop.optimizer(1e-2, 10), [{"w": jnp.array([0.6, 0.8])}, grads[1]])
+  np.testing.assert_allclose(clipped, by_hand, rtol=1e-6)
+  assert not np.allclose(run(loop.optimizer(1e-2, 10), grads), clipped, rtol=1e-3)

@@ -34,11 +34,19 @@ def schedule(lr, steps, warmup=0):
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
+def optimizer(lr, steps, *, weight_decay=0.0, warmup=0, clip_norm=0.0):
+  """AdamW on `schedule`, after clipping the gradient's global norm to `clip_norm` (0: none)."""
+  adamw = optax.adamw(schedule(lr, steps, warmup), weight_decay=weight_decay)
+  if clip_norm <= 0:
+    return adamw
+  return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
 @functools.lru_cache(maxsize=8)
 def _trainer(cfg, lora_cfg, steps, lr, weight_decay, grad_accum, warmup=0, loss="lm",
-             answer_ids=None):
+             answer_ids=None, clip_norm=0.0):
   """(optimizer, jitted step), cached so repeated runs of one setup compile once."""
-  inner = optax.adamw(schedule(lr, steps, warmup), weight_decay=weight_decay)
+  inner = optimizer(lr, steps, weight_decay=weight_decay, warmup=warmup, clip_norm=clip_norm)
   optimizer = optax.MultiSteps(inner, every_k_schedule=grad_accum)
   return optimizer, step_lib.make_train_step(cfg, lora_cfg, optimizer, loss, answer_ids)
 
@@ -187,21 +195,22 @@ def _start(mngr, lm, lora_cfg, optimizer, seed, steps, grad_accum):
 
 
 def fit(lm, lora_cfg, train_batches_fn, *, steps, lr=5e-4, weight_decay=0.0, grad_accum=1,
-        warmup=0, loss="lm", answer_ids=None, checkpoint_dir, save_every, eval_fn=None,
-        eval_every=None, patience=None, metrics_path=None, seed=0, progress=True):
+        warmup=0, clip_norm=0.0, loss="lm", answer_ids=None, checkpoint_dir, save_every,
+        eval_fn=None, eval_every=None, patience=None, metrics_path=None, seed=0, progress=True):
   """Fine-tune `lm` for `steps` optimizer updates; returns a summary dict.
 
   `lora_cfg` is a LoraConfig (adapters) or None (every weight). `train_batches_fn(position)`
   yields dict batches of [B, T] "input_ids", "attention_mask", "loss_mask" and [B] "label"
   starting at example `position`, the same ones every time, so a run resumed from
-  `checkpoint_dir` continues on the data it would have seen. `loss` and `answer_ids` are those
+  `checkpoint_dir` continues on the data it would have seen. `clip_norm` > 0 clips each
+  update's (accumulated) gradient to that global norm. `loss` and `answer_ids` are those
   of `step.make_train_step`. `eval_fn(weights)` returns a dict with "auc"; the best step is kept
   and, with `patience`, training stops after that many evaluations without improvement.
   SIGTERM saves a checkpoint and returns status "preempted".
   """
   answer_ids = None if answer_ids is None else tuple(int(i) for i in answer_ids)
   optimizer, step_fn = _trainer(lm.cfg, lora_cfg, steps, lr, weight_decay, grad_accum, warmup,
-                                loss, answer_ids)
+                                loss, answer_ids, float(clip_norm))
   mngr = checkpoint.manager(checkpoint_dir)
   try:
     state, meta, step = _start(mngr, lm, lora_cfg, optimizer, seed, steps, grad_accum)
