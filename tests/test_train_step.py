@@ -159,7 +159,7 @@ def test_clip_norm_clips_the_global_norm_before_adamw():
       p = optax.apply_updates(p, updates)
     return np.asarray(p["w"])
 
-  clipped = run(loop.optimizer(1e-2, 10, clip_norm=1.0), grads)
-  by_hand = run(loop.optimizer(1e-2, 10), [{"w": jnp.array([0.6, 0.8])}, grads[1]])
+  clipped = run(loop.make_optimizer(1e-2, 10, clip_norm=1.0), grads)
+  by_hand = run(loop.make_optimizer(1e-2, 10), [{"w": jnp.array([0.6, 0.8])}, grads[1]])
   np.testing.assert_allclose(clipped, by_hand, rtol=1e-6)
-  assert not np.allclose(run(loop.optimizer(1e-2, 10), grads), clipped, rtol=1e-3)
+  assert not np.allclose(run(loop.make_optimizer(1e-2, 10), grads), clipped, rtol=1e-3)

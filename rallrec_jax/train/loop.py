@@ -34,7 +34,7 @@ def schedule(lr, steps, warmup=0):
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def optimizer(lr, steps, *, weight_decay=0.0, warmup=0, clip_norm=0.0):
+def make_optimizer(lr, steps, *, weight_decay=0.0, warmup=0, clip_norm=0.0):
   """AdamW on `schedule`, after clipping the gradient's global norm to `clip_norm` (0: none)."""
   adamw = optax.adamw(schedule(lr, steps, warmup), weight_decay=weight_decay)
   if clip_norm <= 0:
@@ -46,7 +46,7 @@ def optimizer(lr, steps, *, weight_decay=0.0, warmup=0, clip_norm=0.0):
 def _trainer(cfg, lora_cfg, steps, lr, weight_decay, grad_accum, warmup=0, loss="lm",
              answer_ids=None, clip_norm=0.0):
   """(optimizer, jitted step), cached so repeated runs of one setup compile once."""
-  inner = optimizer(lr, steps, weight_decay=weight_decay, warmup=warmup, clip_norm=clip_norm)
+  inner = make_optimizer(lr, steps, weight_decay=weight_decay, warmup=warmup, clip_norm=clip_norm)
   optimizer = optax.MultiSteps(inner, every_k_schedule=grad_accum)
   return optimizer, step_lib.make_train_step(cfg, lora_cfg, optimizer, loss, answer_ids)
 
