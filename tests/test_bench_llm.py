@@ -1,7 +1,7 @@
 """`bench llm` in both precisions, on a tiny model: one record per measurement and dtype."""
 import pytest
 
-from rallrec_jax.llm import bench_lora, bench_score
+from rallrec_jax.benchmarks import lora as bench_lora, score as bench_score
 from tests.llm_fixtures import tiny_hf_model
 
 

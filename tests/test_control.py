@@ -5,7 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from rallrec_jax.llm import api, bench_control, lora
+from rallrec_jax.benchmarks import control as bench_control
+from rallrec_jax.llm import api, lora
 from tests.llm_fixtures import random_batch, tiny_hf_model
 
 ALL = tuple(lora.IN_NDIM)

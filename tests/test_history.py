@@ -12,7 +12,8 @@ import pytest
 
 from rallrec_jax import config, data
 from rallrec_jax.data import schema
-from rallrec_jax.retrieval import bench_quality, history
+from rallrec_jax.benchmarks import quality as bench_quality
+from rallrec_jax.retrieval import history
 
 ORDERS = ("simple", "high", "sequential", "rerank", "fusion")
 

@@ -1,6 +1,6 @@
 """Nearest-neighbour throughput: the ScaNN index against the exact JAX backend.
 
-  python -m rallrec_jax.retrieval.bench_index [--n 1000000] [--d 128] [--queries 10000]
+  python -m rallrec_jax.benchmarks.index [--n 1000000] [--d 128] [--queries 10000]
 
 The catalogue is `n` unit vectors drawn around `clusters` random unit centres (Gaussian noise
 of norm about `spread`), as item embeddings group by genre or taste; the queries are fresh

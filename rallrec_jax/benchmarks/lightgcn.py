@@ -1,6 +1,6 @@
 """LightGCN training speed: seconds per epoch, ours against two straightforward alternatives.
 
-  python -m rallrec_jax.cf.bench_lightgcn [--ratings 1000000] [--ml100k PATH]
+  python -m rallrec_jax.benchmarks.lightgcn [--ratings 1000000] [--ml100k PATH]
 
 Data: MovieLens 100K interactions before the validation period (with --ml100k), and synthetic
 interactions of MovieLens 1M's shape (6040 users, 3706 items, 1M ratings). All runs use 128

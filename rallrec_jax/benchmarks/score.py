@@ -1,6 +1,6 @@
 """Scoring throughput: our jitted `p_yes` against a transformers forward on the CPU.
 
-  python -m rallrec_jax.llm.bench_score [--model-dir /models/smollm2] [--dtype bfloat16]
+  python -m rallrec_jax.benchmarks.score [--model-dir /models/smollm2] [--dtype bfloat16]
 
 The competitor is how reference code scores yes/no prompts with transformers: a full forward,
 `model(ids, attention_mask).logits[:, -1]`, then a softmax over the yes and no logits. Both

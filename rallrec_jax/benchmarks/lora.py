@@ -6,7 +6,7 @@ params and compute in bfloat16 with float32 adapters cast to it, against a torch
 with PEFT's adapters), in one process. Each gets warm-up steps first (compilation for JAX), then
 `steps` timed steps.
 
-  python -m rallrec_jax.llm.bench_lora        # RALLREC_SMOLLM2=/path/to/SmolLM2-135M optional
+  python -m rallrec_jax.benchmarks.lora        # RALLREC_SMOLLM2=/path/to/SmolLM2-135M optional
 """
 import dataclasses
 import json

@@ -1,6 +1,6 @@
 """Benchmark of history retrieval. Prints one JSON line: {"bench", "value", "unit", ...}.
 
-  python -m rallrec_jax.retrieval.bench_history [--samples 1000000] [--k 30] [--dim 128]
+  python -m rallrec_jax.benchmarks.history [--samples 1000000] [--k 30] [--dim 128]
 
 Synthetic ratings of MovieLens-1M shape (6,040 users, 3,706 items) are built into one split of
 about `samples` samples; item embeddings are random. `value` is `history.retrieve` (order

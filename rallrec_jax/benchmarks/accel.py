@@ -15,7 +15,7 @@ import json
 import subprocess
 import sys
 
-from rallrec_jax.llm import bench_lora
+from rallrec_jax.benchmarks import lora as bench_lora
 from rallrec_jax.llm.config import LMConfig
 from rallrec_jax.train import step as step_lib
 
@@ -142,7 +142,7 @@ def main(argv=None):
   competitor = {}
   if not args.no_competitor:
     child = subprocess.run(
-        [sys.executable, "-m", "rallrec_jax.llm.bench_accel", "--torch-child",
+        [sys.executable, "-m", "rallrec_jax.benchmarks.accel", "--torch-child",
          f"--seq={args.seq}", f"--batch={args.batch}", f"--score-batch={args.score_batch}",
          f"--steps={args.steps}"], capture_output=True, text=True, check=False)
     if child.returncode == 0:
