@@ -6,7 +6,6 @@ it by `rallrec_jax.data.build`, the same way for every dataset.
 """
 import dataclasses
 import datetime
-import gzip
 import io
 import math
 import re
@@ -101,20 +100,6 @@ class Source:
     if self.zip is not None:
       return [self.path]
     return [self.path / n for n in names]
-
-
-def read_maybe_gzip(path):
-  """Bytes of a plain or gzip-compressed file; truncated archives are a DataError."""
-  path = Path(path)
-  if not path.is_file():
-    raise DataError(path, "no such file")
-  try:
-    if path.suffix == ".gz":
-      with gzip.open(path, "rb") as f:
-        return f.read()
-    return path.read_bytes()
-  except (OSError, EOFError, zlib.error) as e:
-    raise DataError(path, f"cannot read ({e}); the file may be truncated or not gzip") from e
 
 
 def decode(data, where, encoding):

@@ -26,10 +26,6 @@ def attention_flops(cfg, seq_len):
   return 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
 
 
-def forward_flops_per_token(cfg, seq_len):
-  return 2 * matmul_params(cfg) + attention_flops(cfg, seq_len)
-
-
 def scoring_flops_per_token(cfg, seq_len):
   """Forward FLOPs per token when only the last position is projected, onto two rows."""
   head = cfg.vocab_size * cfg.hidden_size
