@@ -122,6 +122,19 @@ def test_rerun_of_complete_run_trains_nothing(lm, full_run, caplog):
   assert_same_adapters(again["weights"], summary["weights"], 0)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_restore_weights_reads_a_clipped_accumulated_run(lm, tmp_path, method):
+  lora_cfg = LORA if method == "lora" else None
+  summary = fit(lm, lora_cfg, batches(4), steps=2, lr=LR, grad_accum=2, clip_norm=0.5,
+                checkpoint_dir=tmp_path / "checkpoints", save_every=1, progress=False)
+  latest, step = loop.restore_weights(lm, lora_cfg, tmp_path / "checkpoints", "latest")
+  assert step == 2
+  assert_same_adapters(latest, summary["weights"], 0)
+  first, _ = loop.restore_weights(lm, lora_cfg, tmp_path / "checkpoints", 1)
+  with pytest.raises(AssertionError):
+    assert_same_adapters(first, summary["weights"], 1e-6)
+
+
 def test_grad_accum_matches_larger_batch(lm, full_run, tmp_path):
   accumulated = run(lm, tmp_path, batch_size=4, grad_accum=2)
   assert accumulated["examples_seen"] == full_run[1]["examples_seen"]

@@ -76,6 +76,20 @@ def restore(mngr, abstract_state, step=None, expect=None):
   return mngr.restore(step, args=args)["state"], meta
 
 
+def restore_weights(mngr, abstract_weights, step, expect=None):
+  """The trained weights alone of `step`, laid out like `abstract_weights`.
+
+  The optimizer state is not read, so its layout (clipping, accumulation) need not be rebuilt.
+  """
+  if expect is not None:
+    check(read_meta(mngr, step), expect, f"{mngr.directory} step {step}")
+  target = {"weights": abstract_weights}
+  args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))
+  return mngr.restore(step, args=args)["state"]["weights"]
+
+
 def check(meta, expect, where):
   """Raise a ValueError naming the first LoRA or base-model field that differs."""
   def fields(record):

@@ -60,8 +60,7 @@ def _fresh_state(lm, lora_cfg, optimizer, seed):
 def restore_weights(lm, lora_cfg, checkpoint_dir, step="best"):
   """(trained weights, step) of a fine-tune checkpoint: "best", "latest" or an int step.
 
-  The optimizer's state layout depends only on the weights and the accumulation count, both
-  fixed by the checkpoint's meta, so the state is rebuilt from them and restored into it.
+  Only the weights are read, into the layout fresh weights of this model would have.
   """
   mngr = checkpoint.manager(checkpoint_dir)
   try:
@@ -73,13 +72,12 @@ def restore_weights(lm, lora_cfg, checkpoint_dir, step="best"):
     if step not in mngr.all_steps():
       raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint at step {step} "
                               f"(have {sorted(mngr.all_steps())})")
-    optimizer, _ = _trainer(lm.cfg, lora_cfg, latest["steps"], 1.0, 0.0, latest["grad_accum"])
-    state = _fresh_state(lm, lora_cfg, optimizer, 0)
-    state, _ = checkpoint.restore(mngr, checkpoint.abstract(state), step,
-                                  expect=checkpoint.compat(lm.cfg, lora_cfg))
+    weights = step_lib.initial_weights(jax.random.PRNGKey(0), lm, lora_cfg)
+    weights = checkpoint.restore_weights(mngr, checkpoint.abstract(weights), step,
+                                         expect=checkpoint.compat(lm.cfg, lora_cfg))
   finally:
     mngr.close()
-  return state["weights"], int(step)
+  return weights, int(step)
 
 
 def _fresh_meta(lm, lora_cfg, steps, grad_accum):
