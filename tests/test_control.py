@@ -52,6 +52,29 @@ def test_losses_match_peft_step_by_step(folder, targets, layers, opt):
   assert out["ours_auc"] == pytest.approx(out["theirs_auc"])
 
 
+@pytest.mark.parametrize("clip_norm", [0.0, 1e-3])
+def test_full_fine_tuning_losses_match_transformers_step_by_step(folder, clip_norm):
+  opt = bench_control.Optim(lr=1e-3, steps=5, warmup=1, weight_decay=0.01, clip_norm=clip_norm)
+  out = bench_control.control(folder, BATCHES, None, opt, eval_batches=BATCHES[:2])
+  assert max(rel_diffs(out)) < 1e-4, (out["ours_loss"], out["theirs_loss"])
+  assert abs(out["ours_loss"][-1] - out["ours_loss"][0]) > 1e-3
+  assert out["max_p_yes_diff"] < 1e-4
+  assert out["ours_auc"] == pytest.approx(out["theirs_auc"])
+
+
+def test_clipping_shows_in_full_fine_tuning(folder):
+  """A clip norm far below the gradient's changes the losses: clipping is not a no-op."""
+  lm = api.load_pretrained(folder)
+  answers = lm.yes_no_tokens()
+  weights = jax.device_get(lm.params)
+  opt = bench_control.Optim(lr=1e-3, steps=4)
+  free, _ = bench_control.train_ours(lm, weights, None, BATCHES, opt, answers)
+  clipped, _ = bench_control.train_ours(lm, weights, None, BATCHES,
+                                        dataclasses.replace(opt, clip_norm=1e-3), answers)
+  assert free[0] == pytest.approx(clipped[0], rel=1e-6)
+  assert max(rel_diffs({"ours_loss": free, "theirs_loss": clipped})) > 1e-3
+
+
 def test_a_mismatch_shows(folder):
   lora_cfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "o_proj"))
   opt = bench_control.Optim(lr=1e-2, steps=4)

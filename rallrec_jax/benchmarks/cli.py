@@ -4,7 +4,7 @@ with the competitor measured in the same run and the ratio.
   python -m rallrec_jax.bench prepare [--ratings 1000000]
   python -m rallrec_jax.bench llm [--model-dir DIR]     LoRA train step and scoring vs PyTorch,
                                                         float32 and bfloat16
-  python -m rallrec_jax.bench control --workdir W       our trainer vs transformers + PEFT
+  python -m rallrec_jax.bench control --workdir W       our trainer vs transformers (+ PEFT)
   python -m rallrec_jax.bench llm-accel [--seq 1024]    ~1B decoder on an accelerator: MFU
   python -m rallrec_jax.bench lightgcn [--ml100k DIR]   LightGCN epoch time
   python -m rallrec_jax.bench index                     ScaNN vs exact search, 1M x 128
@@ -117,8 +117,8 @@ def main(argv=None):
   llm.add_argument("--batch", type=int, default=8, help="rows per batch")
   llm.add_argument("--steps", type=int, default=5, help="timed LoRA train steps")
   llm.add_argument("--batches", type=int, default=4, help="timed scoring batches")
-  control = sub.add_parser("control", help="per-step losses of our LoRA trainer and of "
-                                            "transformers + PEFT from the same start")
+  control = sub.add_parser("control", help="per-step losses of our trainer (LoRA or full) and "
+                                            "of transformers (+ PEFT) from the same start")
   control.add_argument("--workdir", required=True,
                        help="pipeline workdir with retrieve done (read only)")
   control.add_argument("--model-dir", default=os.environ.get("RALLREC_SMOLLM2"),
@@ -137,6 +137,10 @@ def main(argv=None):
   control.add_argument("--eval-rows", type=int, default=64,
                        help="validation prompts scored after training (0: none)")
   control.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  control.add_argument("--method", default="lora", choices=("lora", "full"),
+                       help="LoRA adapters (--rank, --alpha, --targets) or every weight")
+  control.add_argument("--clip-norm", type=float, default=0.0,
+                       help="clip each step's gradient to this global norm (0: no clipping)")
   sub.add_parser("llm-accel", add_help=False,
                  help="~1B decoder on a GPU/TPU: LoRA step and scoring MFU "
                       "(llm-accel --help for its options)")
@@ -173,7 +177,7 @@ def main(argv=None):
         args.workdir, args.model_dir, prompts=args.prompts, batch=args.batch, steps=args.steps,
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, rank=args.rank,
         alpha=args.alpha, targets=tuple(args.targets.split(",")), eval_rows=args.eval_rows,
-        dtype=args.dtype))
+        dtype=args.dtype, method=args.method, clip_norm=args.clip_norm))
   elif args.bench == "lightgcn":
     from rallrec_jax.benchmarks import lightgcn as bench_lightgcn
     _emit(bench_lightgcn.bench_lightgcn_epoch(ml100k_path=args.ml100k))

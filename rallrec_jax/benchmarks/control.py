@@ -1,15 +1,17 @@
-"""A trainer control: our LoRA step against transformers + PEFT on the same batches.
+"""A trainer control: our step against transformers (+ PEFT for LoRA) on the same batches.
 
-Both sides start from the same model and the same adapters (ours, copied into PEFT's lora_A and
-lora_B), train on the same batches in the same order with AdamW (the same betas, eps and weight
-decay) under the same schedule (`loop.schedule`: linear warmup, then linear decay), on the same
+Both sides start from the same model and, for LoRA, the same adapters (ours, copied into PEFT's
+lora_A and lora_B; full fine-tuning trains every weight of both models), train on the same batches in the same order with AdamW (the same betas, eps and weight
+decay) under the same schedule (`loop.schedule`: linear warmup, then linear decay), with the same
+optional clipping of the gradient's global norm (`optax.clip_by_global_norm` against
+`torch.nn.utils.clip_grad_norm_`), on the same
 loss: the two-way cross-entropy of the (yes, no) logits at the last position of left-padded
 prompts, label 1 = yes. Positions are cumsum(mask) - 1 on both sides. In float32 the per-step
 losses agree to rounding, so a difference in the optimizer, the schedule, the loss, the
 positions or the adapters shows as losses that drift apart within a few steps. Adapter dropout
 must be 0: the two sides would draw different masks.
 
-  python -m rallrec_jax.bench control --workdir W [--model-dir DIR] [--steps 16]
+  python -m rallrec_jax.bench control --workdir W [--model-dir DIR] [--steps 16] [--method full]
 
 `--workdir` is a pipeline workdir with `retrieve` done: the training prompts are the first
 `--prompts` samples of the finetune stage's pool with their stored history, the held-out ones
@@ -26,7 +28,7 @@ import optax
 
 from rallrec_jax import data
 from rallrec_jax.eval import evaluate, metrics
-from rallrec_jax.llm import api, lora, tokenizer as tokenizer_lib
+from rallrec_jax.llm import api, lora, score, tokenizer as tokenizer_lib
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import history
 from rallrec_jax.train import batches as batches_lib, loop, sets, step as step_lib
@@ -41,9 +43,17 @@ class Optim:
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
+  clip_norm: float = 0.0
 
   def schedule(self):
     return loop.schedule(self.lr, self.steps, self.warmup)
+
+  def optax(self):
+    adamw = optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, eps=self.eps,
+                        weight_decay=self.weight_decay)
+    if self.clip_norm <= 0:
+      return adamw
+    return optax.chain(optax.clip_by_global_norm(self.clip_norm), adamw)
 
 
 def positions(mask):
@@ -56,9 +66,11 @@ def _cycle(batches, steps):
 
 
 def train_ours(lm, adapters, lora_cfg, batches, opt, answer_ids):
-  """(per-step losses, trained adapters) of `step.make_train_step` with the answer loss."""
-  optimizer = optax.adamw(opt.schedule(), b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                          weight_decay=opt.weight_decay)
+  """(per-step losses, trained weights) of `step.make_train_step` with the answer loss.
+
+  `lora_cfg` None is full fine-tuning: `adapters` are then the float32 weights of every layer.
+  """
+  optimizer = opt.optax()
   train_step = step_lib.make_train_step(lm.cfg, lora_cfg, optimizer, loss="answer",
                                         answer_ids=answer_ids)
   state = step_lib.init_train_state(jax.random.key(0), jax.tree.map(jnp.asarray, adapters),
@@ -74,8 +86,13 @@ def train_ours(lm, adapters, lora_cfg, batches, opt, answer_ids):
 
 
 def p_yes_ours(lm, adapters, lora_cfg, batches, answer_ids):
-  """P(yes) of every row of `batches` with our model and adapters."""
+  """P(yes) of every row of `batches` with our model and adapters (full weights: no LoRA)."""
   yes, no = (np.int32(i) for i in answer_ids)
+  if lora_cfg is None:
+    out = [score.yes_no_logits(lm.cfg, adapters, jnp.asarray(b["input_ids"], jnp.int32),
+                               jnp.asarray(b["attention_mask"], jnp.int32), yes, no)
+           for b in batches]
+    return evaluate.sigmoid(evaluate.logit_gap(np.concatenate([np.asarray(o) for o in out])))
   out = [evaluate.lora_yes_no_logits(lm.cfg, lm.params, adapters, lora_cfg,
                                      jnp.asarray(b["input_ids"], jnp.int32),
                                      jnp.asarray(b["attention_mask"], jnp.int32), yes, no)
@@ -83,16 +100,23 @@ def p_yes_ours(lm, adapters, lora_cfg, batches, answer_ids):
   return evaluate.sigmoid(evaluate.logit_gap(np.concatenate([np.asarray(o) for o in out])))
 
 
+def hf_model(model_dir, dtype="float32"):
+  """The folder's transformers model, every weight trainable (full fine-tuning's side)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  model = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
+                                                            dtype=getattr(torch, dtype))
+  model.config.use_cache = False
+  return model
+
+
 def peft_model(model_dir, adapters, lora_cfg, dtype="float32"):
   """The folder's transformers model with PEFT LoRA on our targets, set to our `adapters`."""
   import peft  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
   if lora_cfg.dropout:
     raise ValueError("the control needs LoRA dropout 0: the two sides would draw other masks")
-  model = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
-                                                            dtype=getattr(torch, dtype))
-  model.config.use_cache = False
+  model = hf_model(model_dir, dtype)
   layers = None
   if lora_cfg.layers:
     layers = list(range(model.config.num_hidden_layers - lora_cfg.layers,
@@ -127,12 +151,14 @@ def _answer_logits(model, batch, answer_ids):
 
 
 def train_theirs(model, batches, opt, answer_ids):
-  """Per-step losses of `model` (from `peft_model`) trained by torch AdamW under LambdaLR."""
+  """Per-step losses of `model` (`peft_model` or `hf_model`) trained by torch AdamW under
+  LambdaLR, its gradient clipped to `opt.clip_norm` when that is > 0."""
   import torch  # pylint: disable=import-outside-toplevel
   model.train()
   schedule = opt.schedule()
+  trained = [p for p in model.parameters() if p.requires_grad]
   # A base lr of 1 makes the scheduled value the lr itself (also in the decay lr * wd).
-  optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.0,
+  optimizer = torch.optim.AdamW(trained, lr=1.0,
                                 betas=(opt.b1, opt.b2), eps=opt.eps,
                                 weight_decay=opt.weight_decay)
   scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: float(schedule(k)))
@@ -141,6 +167,8 @@ def train_theirs(model, batches, opt, answer_ids):
     target = torch.from_numpy(1 - np.asarray(batch["label"], np.int64))
     loss = torch.nn.functional.cross_entropy(_answer_logits(model, batch, answer_ids), target)
     loss.backward()
+    if opt.clip_norm > 0:
+      torch.nn.utils.clip_grad_norm_(trained, opt.clip_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -161,14 +189,20 @@ def control(model_dir, batches, lora_cfg, opt, eval_batches=(), dtype="float32",
             answer_ids=None, seed=0):
   """Train both sides from the same adapters; their per-step losses and held-out P(yes).
 
+  `lora_cfg` None fine-tunes every weight of both models (ours from a float32 copy).
+
   `batches` are dicts of left-padded int [B, T] "input_ids", "attention_mask" and [B] "label",
   used in order (cycled when `opt.steps` is longer); `eval_batches` the same, scored after
   training. `answer_ids` default to the folder tokenizer's (yes, no) tokens.
   """
   lm = api.load_pretrained(model_dir, dtype=dtype)
   answer_ids = tuple(int(i) for i in (answer_ids or lm.yes_no_tokens()))
-  adapters = jax.device_get(lora.init(jax.random.key(seed), lm.cfg, lora_cfg))
-  model = peft_model(model_dir, adapters, lora_cfg, dtype)
+  if lora_cfg is None:
+    adapters = step_lib.initial_weights(None, lm, None)
+    model = hf_model(model_dir, dtype)
+  else:
+    adapters = jax.device_get(lora.init(jax.random.key(seed), lm.cfg, lora_cfg))
+    model = peft_model(model_dir, adapters, lora_cfg, dtype)
   ours, trained = train_ours(lm, adapters, lora_cfg, batches, opt, answer_ids)
   theirs = train_theirs(model, batches, opt, answer_ids)
   out = {"ours_loss": ours, "theirs_loss": theirs, "answer_ids": answer_ids}
@@ -212,22 +246,26 @@ def workdir_batches(workdir, tokenizer, prompts, batch, eval_rows):
 
 def bench_control(workdir, model_dir, *, prompts=64, batch=4, steps=None, lr=1e-3, warmup=4,
                   weight_decay=0.01, rank=16, alpha=32.0, targets=("q_proj", "v_proj"),
-                  eval_rows=64, dtype="float32"):
+                  eval_rows=64, dtype="float32", method="lora", clip_norm=0.0):
   """JSON-ready rows: one per step (both losses) and a summary (AUCs, largest differences)."""
   model_dir = model_dir or _workdir_config(workdir)["model"]["path"]
   if not model_dir:
     raise ValueError("the control needs a Hugging Face model folder (--model-dir)")
   train, held = workdir_batches(workdir, tokenizer_lib.load(model_dir), prompts, batch,
                                 eval_rows)
-  opt = Optim(lr=lr, steps=steps or len(train), warmup=warmup, weight_decay=weight_decay)
-  lora_cfg = lora.LoraConfig(rank=rank, alpha=alpha, dropout=0.0, targets=tuple(targets))
+  opt = Optim(lr=lr, steps=steps or len(train), warmup=warmup, weight_decay=weight_decay,
+              clip_norm=clip_norm)
+  lora_cfg = (None if method == "full" else
+              lora.LoraConfig(rank=rank, alpha=alpha, dropout=0.0, targets=tuple(targets)))
   out = control(model_dir, train, lora_cfg, opt, held if eval_rows else (), dtype)
   rows = [{"bench": "control", "step": i + 1, "ours_loss": a, "theirs_loss": b,
            "abs_diff": abs(a - b)} for i, (a, b) in enumerate(zip(out["ours_loss"],
                                                                  out["theirs_loss"]))]
   summary = {"bench": "control_summary", "dtype": dtype, "model": str(model_dir),
-             "prompts": prompts, "batch": batch, "steps": opt.steps, "lr": lr, "warmup": warmup,
-             "weight_decay": weight_decay, "rank": rank, "alpha": alpha, "targets": list(targets),
+             "method": method, "prompts": prompts, "batch": batch, "steps": opt.steps, "lr": lr,
+             "warmup": warmup, "weight_decay": weight_decay, "clip_norm": clip_norm,
+             **({} if lora_cfg is None else {"rank": rank, "alpha": alpha,
+                                             "targets": list(targets)}),
              "max_loss_diff": max(r["abs_diff"] for r in rows),
              "max_rel_loss_diff": max(r["abs_diff"] / abs(r["theirs_loss"]) for r in rows)}
   if eval_rows:
