@@ -131,3 +131,14 @@ def test_tfds_source_without_tensorflow_is_a_clear_error(tmp_path):
   cfg.data.source = "tfds"
   with pytest.raises(config_lib.ConfigError, match="MovieLens only"):
     config_lib.validate(cfg)
+
+
+def test_ml100k_cpu_recipe_sets_the_measured_fine_tune_and_validates(tmp_path):
+  paper, cpu = (load_config("ml100k", f"path={tmp_path}{extra}") for extra in ("", ",recipe=cpu"))
+  config_lib.validate(cpu)
+  assert (cpu.finetune.method, cpu.finetune.lr, cpu.finetune.clip_norm, cpu.retrieval.k,
+          cpu.model.dtype, cpu.eval.max_samples) == ("full", 5e-5, 1.0, 5, "bfloat16", 2000)
+  assert (paper.finetune.method, paper.finetune.lr, paper.retrieval.k) == ("lora", 5e-4, 30)
+  assert cpu.data.to_dict() == paper.data.to_dict()
+  with pytest.raises(config_lib.ConfigError, match="recipe.*'gpu' is not one of"):
+    load_config("ml100k", "path=/x,recipe=gpu")
