@@ -88,14 +88,10 @@ def train_ours(lm, adapters, lora_cfg, batches, opt, answer_ids):
 def p_yes_ours(lm, adapters, lora_cfg, batches, answer_ids):
   """P(yes) of every row of `batches` with our model and adapters (full weights: no LoRA)."""
   yes, no = (np.int32(i) for i in answer_ids)
-  if lora_cfg is None:
-    out = [score.yes_no_logits(lm.cfg, adapters, jnp.asarray(b["input_ids"], jnp.int32),
-                               jnp.asarray(b["attention_mask"], jnp.int32), yes, no)
-           for b in batches]
-    return evaluate.sigmoid(evaluate.logit_gap(np.concatenate([np.asarray(o) for o in out])))
-  out = [evaluate.lora_yes_no_logits(lm.cfg, lm.params, adapters, lora_cfg,
-                                     jnp.asarray(b["input_ids"], jnp.int32),
-                                     jnp.asarray(b["attention_mask"], jnp.int32), yes, no)
+  params, adapters = (adapters, None) if lora_cfg is None else (lm.params, adapters)
+  out = [score.yes_no_logits(lm.cfg, params, jnp.asarray(b["input_ids"], jnp.int32),
+                             jnp.asarray(b["attention_mask"], jnp.int32), yes, no, adapters,
+                             lora_cfg)
          for b in batches]
   return evaluate.sigmoid(evaluate.logit_gap(np.concatenate([np.asarray(o) for o in out])))
 

@@ -5,35 +5,19 @@ a softmax of probabilities (PAPER.md, known defects). The logits are kept so tha
 temperature, fitted on the validation split only, can report a calibrated log loss beside the
 raw one; it divides the logit gap and so leaves AUC and the 0.5-threshold accuracy unchanged.
 """
-import functools
 import json
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rallrec_jax import atomic, distributed, progress as progress_lib
 from rallrec_jax.eval import metrics
-from rallrec_jax.llm import lora, score
-from rallrec_jax.llm.model import Decoder
+from rallrec_jax.llm import score
 from rallrec_jax.train import batches
 
 # Temperatures searched by `fit_temperature`, as log10 bounds, and the search's step count.
 LOG10_T_RANGE = (-2.0, 3.0)
 SEARCH_STEPS = 80
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def lora_yes_no_logits(cfg, params, adapters, lora_cfg, input_ids, attention_mask, yes_id,
-                       no_id):
-  """`score.yes_no_logits` with the adapters added to the base model (no dropout)."""
-  hidden, _ = lora.apply(cfg, params, adapters, lora_cfg, input_ids, attention_mask,
-                         method=Decoder.hidden)
-  rows = Decoder(cfg).apply({"params": params}, jnp.stack([yes_id, no_id]),
-                            method=Decoder.answer_rows)
-  return jnp.einsum("be,ne->bn", hidden[:, -1].astype(jnp.float32), rows.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
 
 
 def score_examples(lm, examples, yes_id, no_id, adapters=None, lora_cfg=None, batch_size=16,
@@ -67,10 +51,7 @@ def score_examples(lm, examples, yes_id, no_id, adapters=None, lora_cfg=None, ba
     filled = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows))])
     batch = batches.pad_batch(examples, filled, pad_id, bucket)
     ids, mask = lm.place(batch["input_ids"]), lm.place(batch["attention_mask"])
-    if adapters is None:
-      logits = score.yes_no_logits(lm.cfg, params, ids, mask, yes_id, no_id)
-    else:
-      logits = lora_yes_no_logits(lm.cfg, params, adapters, lora_cfg, ids, mask, yes_id, no_id)
+    logits = score.yes_no_logits(lm.cfg, params, ids, mask, yes_id, no_id, adapters, lora_cfg)
     out[rows] = distributed.to_host(logits)[:len(rows)]
     bar.update(len(rows))
   bar.close()

@@ -9,6 +9,7 @@ Batches are left-padded, so the last position is the last real token of every ro
 `score_prompts` sorts prompts by length, cuts batches and pads each to a multiple of `bucket`
 tokens (and a fixed number of rows), so that only a few shapes are ever compiled.
 """
+import functools
 import math
 
 import jax
@@ -16,18 +17,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from rallrec_jax import parallel, progress as progress_lib
-from rallrec_jax.llm import tokenizer as tokenizer_lib
+from rallrec_jax.llm import lora, tokenizer as tokenizer_lib
 from rallrec_jax.llm.model import Decoder
 
 
-@jax.jit(static_argnums=0)
-def yes_no_logits(cfg, params, input_ids, attention_mask, yes_id, no_id):
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def yes_no_logits(cfg, params, input_ids, attention_mask, yes_id, no_id, adapters=None,
+                  lora_cfg=None):
   """[B, 2] float32 (yes, no) logits at the last position of a left-padded batch.
 
-  Kept apart from `p_yes` because a calibrated log-loss needs the logits, not the probability.
+  With `adapters` (of `lora_cfg`) the LoRA deltas join the base `params` (no dropout). Kept
+  apart from `p_yes` because a calibrated log-loss needs the logits, not the probability.
   """
+  if (adapters is None) != (lora_cfg is None):
+    raise ValueError("pass adapters and lora_cfg together, or neither")
   model = Decoder(cfg)
-  hidden, _ = model.apply({"params": params}, input_ids, attention_mask, method=Decoder.hidden)
+  args = (input_ids, attention_mask)
+  if adapters is None:
+    hidden, _ = model.apply({"params": params}, *args, method=Decoder.hidden)
+  else:
+    hidden, _ = lora.apply(cfg, params, adapters, lora_cfg, *args, method=Decoder.hidden)
   rows = model.apply({"params": params}, jnp.stack([yes_id, no_id]), method=Decoder.answer_rows)
   # Full precision: accelerators would otherwise round float32 operands of this tiny product.
   return jnp.einsum("be,ne->bn", hidden[:, -1].astype(jnp.float32), rows.astype(jnp.float32),
