@@ -224,3 +224,18 @@ def test_tiny_tokenizer_reads_every_word_of_the_prompts(run):
   embedded = lm.tokenizer(stages.item_texts(cfg, workdir, dataset)).input_ids
   assert not any(unk in ids for ids in embedded)
   assert {"Here", "Its"} <= set(lm.tokenizer.convert_ids_to_tokens(embedded[0]))
+
+
+def test_control_prompts_are_worded_like_the_fine_tune(run):
+  """The trainer control reads the workdir's prompts with its stats phrases, as finetune does."""
+  from rallrec_jax.benchmarks import control as bench_control  # pylint: disable=import-outside-toplevel
+  from rallrec_jax.llm import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  cfg, workdir, _ = run
+  assert cfg.finetune.item_stats
+  tokenizer = tokenizer_lib.load(workdir / "model_tiny")
+  train, held = bench_control.workdir_batches(workdir, tokenizer, prompts=4, batch=2,
+                                              eval_rows=2)
+  assert [len(b["label"]) for b in train] == [2, 2] and [len(b["label"]) for b in held] == [2]
+  for batch in train + held:
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+      assert "of its earlier raters" in tokenizer.decode(ids[mask > 0])
