@@ -1,13 +1,13 @@
 """A trainer control: our step against transformers (+ PEFT for LoRA) on the same batches.
 
 Both sides start from the same model and, for LoRA, the same adapters (ours, copied into PEFT's
-lora_A and lora_B; full fine-tuning trains every weight of both models), train on the same batches in the same order with AdamW (the same betas, eps and weight
-decay) under the same schedule (`loop.schedule`: linear warmup, then linear decay), with the same
-optional clipping of the gradient's global norm (`optax.clip_by_global_norm` against
-`torch.nn.utils.clip_grad_norm_`), on the same
-loss: the two-way cross-entropy of the (yes, no) logits at the last position of left-padded
-prompts, label 1 = yes. Positions are cumsum(mask) - 1 on both sides. In float32 the per-step
-losses agree to rounding, so a difference in the optimizer, the schedule, the loss, the
+lora_A and lora_B; full fine-tuning trains every weight of both models), train on the same
+batches in the same order with AdamW (the same betas, eps and weight decay) under the same
+schedule (`loop.schedule`: linear warmup, then linear decay), with the same optional clipping
+of the gradient's global norm (`optax.clip_by_global_norm` in `loop.make_optimizer` against
+`torch.nn.utils.clip_grad_norm_`), on the same loss: the two-way cross-entropy of the (yes, no)
+logits at the last position of left-padded prompts, label 1 = yes. Positions are
+cumsum(mask) - 1 on both sides. In float32 the per-step losses agree to rounding, so a difference in the optimizer, the schedule, the loss, the
 positions or the adapters shows as losses that drift apart within a few steps. Adapter dropout
 must be 0: the two sides would draw different masks.
 
@@ -24,7 +24,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from rallrec_jax import data
 from rallrec_jax.eval import evaluate, metrics
@@ -49,11 +48,10 @@ class Optim:
     return loop.schedule(self.lr, self.steps, self.warmup)
 
   def optax(self):
-    adamw = optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, eps=self.eps,
-                        weight_decay=self.weight_decay)
-    if self.clip_norm <= 0:
-      return adamw
-    return optax.chain(optax.clip_by_global_norm(self.clip_norm), adamw)
+    """Our side's optimizer, built as the fine-tune builds it (`loop.make_optimizer`)."""
+    return loop.make_optimizer(self.lr, self.steps, weight_decay=self.weight_decay,
+                               warmup=self.warmup, clip_norm=self.clip_norm, b1=self.b1,
+                               b2=self.b2, eps=self.eps)
 
 
 def positions(mask):

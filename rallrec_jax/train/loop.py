@@ -34,9 +34,11 @@ def schedule(lr, steps, warmup=0):
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def make_optimizer(lr, steps, *, weight_decay=0.0, warmup=0, clip_norm=0.0):
+def make_optimizer(lr, steps, *, weight_decay=0.0, warmup=0, clip_norm=0.0, b1=0.9, b2=0.999,
+                   eps=1e-8):
   """AdamW on `schedule`, after clipping the gradient's global norm to `clip_norm` (0: none)."""
-  adamw = optax.adamw(schedule(lr, steps, warmup), weight_decay=weight_decay)
+  adamw = optax.adamw(schedule(lr, steps, warmup), b1=b1, b2=b2, eps=eps,
+                      weight_decay=weight_decay)
   if clip_norm <= 0:
     return adamw
   return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
