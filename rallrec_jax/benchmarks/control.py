@@ -7,9 +7,10 @@ schedule (`loop.schedule`: linear warmup, then linear decay), with the same opti
 of the gradient's global norm (`optax.clip_by_global_norm` in `loop.make_optimizer` against
 `torch.nn.utils.clip_grad_norm_`), on the same loss: the two-way cross-entropy of the (yes, no)
 logits at the last position of left-padded prompts, label 1 = yes. Positions are
-cumsum(mask) - 1 on both sides. In float32 the per-step losses agree to rounding, so a difference in the optimizer, the schedule, the loss, the
-positions or the adapters shows as losses that drift apart within a few steps. Adapter dropout
-must be 0: the two sides would draw different masks.
+cumsum(mask) - 1 on both sides. In float32 the per-step losses agree to rounding, so a
+difference in the optimizer, the schedule, the loss, the positions or the adapters shows as
+losses that drift apart within a few steps. Adapter dropout must be 0: the two sides would draw
+different masks.
 
   python -m rallrec_jax.bench control --workdir W [--model-dir DIR] [--steps 16] [--method full]
 
