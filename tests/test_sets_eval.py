@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 
 from rallrec_jax.eval import evaluate, results
-from rallrec_jax.llm import load_pretrained, lora, score
+from rallrec_jax.llm import load_pretrained, lora, padding, score
 from rallrec_jax.llm.model import Decoder
 from rallrec_jax.prompts import render
 from rallrec_jax.train import batches, sets
@@ -62,6 +62,14 @@ def _examples(lengths, seed=0):
   ids = [rng.integers(4, 60, n).astype(np.int32) for n in lengths]
   masks = [np.r_[np.zeros(n - 1), 1].astype(np.int32) for n in lengths]
   return {"input_ids": ids, "loss_mask": masks}
+
+
+def test_left_pad_keeps_empty_rows_empty_and_refuses_overflow():
+  values, mask = padding.left_pad([[7, 8], [], [9]], 4, pad_id=0)
+  np.testing.assert_array_equal(values, [[0, 0, 7, 8], [0, 0, 0, 0], [0, 0, 0, 9]])
+  np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 1]])
+  with pytest.raises(ValueError, match="row 1 has 3 tokens"):
+    padding.left_pad([[1], [1, 2, 3]], 2, pad_id=0)
 
 
 def test_pad_batch_left_pads_to_bucket():

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rallrec_jax import parallel, progress as progress_lib
-from rallrec_jax.llm import lora, tokenizer as tokenizer_lib
+from rallrec_jax import progress as progress_lib
+from rallrec_jax.llm import lora, padding, tokenizer as tokenizer_lib
 from rallrec_jax.llm.model import Decoder
 
 
@@ -69,15 +69,17 @@ def _run(lm, prompts, fn, row_shape, batch_size, chat, bucket, progress):
   """
   tokens = _tokenize(lm.tokenizer, prompts, chat)
   lengths = np.array([len(t) for t in tokens], np.int64)
-  rows_per_batch = _round_up(batch_size, _batch_multiple(lm.mesh, lm.rules))
+  rows_per_batch = padding.round_up(batch_size, _batch_multiple(lm.mesh, lm.rules))
   yes_id, no_id = (np.int32(i) for i in lm.yes_no_tokens())
   pad_id = lm.tokenizer.pad_token_id or 0
   out = np.zeros((len(tokens),) + row_shape, np.float32)
   pending = []
   with progress_lib.bar(total=len(tokens), unit="prompt", disable=not progress) as bar:
     for rows, length in _plan(lengths, rows_per_batch, bucket):
-      ids, mask = _pack(tokens, rows, length, rows_per_batch, pad_id)
-      pending.append((rows, fn(lm.cfg, lm.params, _place(lm, ids), _place(lm, mask), yes_id,
+      # Spare rows repeat the last prompt (an all-padding row would attend to nothing).
+      filled = list(rows) + [rows[-1]] * (rows_per_batch - len(rows))
+      ids, mask = padding.left_pad([tokens[i] for i in filled], length, pad_id)
+      pending.append((rows, fn(lm.cfg, lm.params, lm.place(ids), lm.place(mask), yes_id,
                                no_id)))
       if len(pending) > 1:
         _collect(out, *pending.pop(0), bar)
@@ -96,10 +98,6 @@ def _tokenize(tokenizer, prompts, chat):
   return tokens
 
 
-def _round_up(n, multiple):
-  return -(-n // multiple) * multiple
-
-
 def _batch_multiple(mesh, rules):
   """How many ways the mesh splits the batch: every batch's row count must divide by it."""
   if mesh is None:
@@ -113,27 +111,8 @@ def _plan(lengths, rows_per_batch, bucket):
   """[(prompt indices, padded length)], longest first so that a batch too big fails early."""
   order = np.argsort(-lengths, kind="stable")
   cuts = range(rows_per_batch, len(order), rows_per_batch)
-  return [(rows, _round_up(int(lengths[rows].max()), bucket))
+  return [(rows, padding.round_up(int(lengths[rows].max()), bucket))
           for rows in np.array_split(order, cuts) if len(rows)]
-
-
-def _pack(tokens, rows, length, rows_per_batch, pad_id):
-  """Left-padded ids and mask [rows_per_batch, length]; spare rows repeat the last prompt
-  (an all-padding row would attend to nothing)."""
-  ids = np.full((rows_per_batch, length), pad_id, np.int32)
-  mask = np.zeros((rows_per_batch, length), np.int32)
-  filled = list(rows) + [rows[-1]] * (rows_per_batch - len(rows))
-  for r, i in enumerate(filled):
-    seq = tokens[i]
-    ids[r, length - len(seq):] = seq
-    mask[r, length - len(seq):] = 1
-  return ids, mask
-
-
-def _place(lm, array):
-  if lm.mesh is None:
-    return array
-  return jax.device_put(array, parallel.batch_sharding(lm.mesh, array.shape, lm.rules))
 
 
 def _collect(out, rows, result, bar):

@@ -17,6 +17,7 @@ import numpy as np
 
 from rallrec_jax import parallel, progress as progress_lib
 from rallrec_jax.config import EMBED_POOLS
+from rallrec_jax.llm import padding
 from rallrec_jax.llm.model import Decoder
 
 
@@ -30,10 +31,6 @@ def mean_pool(cfg, pool, params, input_ids, attention_mask):
                                    method=Decoder.hidden)
   mask = attention_mask.astype(jnp.float32)[..., None]
   return (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
-
-
-def _round_up(n, multiple):
-  return -(-n // multiple) * multiple
 
 
 def embed_texts(lm, texts, *, pool="hidden", batch_size=32, bucket=32, max_length=512,
@@ -50,12 +47,10 @@ def embed_texts(lm, texts, *, pool="hidden", batch_size=32, bucket=32, max_lengt
     for start in progress_lib.bar(range(0, len(order), batch_size), desc="embed", unit="batch",
                                   disable=not progress):
       rows = order[start:start + batch_size]
-      length = _round_up(max(len(ids[r]) for r in rows), bucket)
-      batch = np.full((batch_size, length), pad, np.int32)
-      mask = np.zeros((batch_size, length), np.int32)
-      for j, r in enumerate(rows):
-        batch[j, length - len(ids[r]):] = ids[r]
-        mask[j, length - len(ids[r]):] = 1
+      length = padding.round_up(max(len(ids[r]) for r in rows), bucket)
+      # Spare rows of the last batch are empty: all padding, dropped below.
+      batch, mask = padding.left_pad([ids[r] for r in rows] + [[]] * (batch_size - len(rows)),
+                                     length, pad)
       pooled = mean_pool(lm.cfg, pool, lm.params, lm.place(batch), lm.place(mask))
       out[rows] = np.asarray(pooled)[:len(rows)]
   return out

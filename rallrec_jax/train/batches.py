@@ -1,13 +1,14 @@
 """Batches of token-id examples: left padding to bucketed lengths and a resumable shuffle.
 
-Left padding puts every row's last real token at the last position, where the scorer reads the
-answer logits, so training and scoring see prompts laid out the same way. Lengths are rounded
-up to a multiple of `bucket` so that only a few shapes are ever compiled.
+Rows are left-padded (`llm.padding`) to the longest of the batch rounded up to a multiple of
+`bucket`, so that only a few shapes are ever compiled.
 
 The shuffle is a pure function of (seed, epoch), and `start` counts examples already consumed,
 so a run resumed from a step count continues with exactly the batches it would have seen.
 """
 import numpy as np
+
+from rallrec_jax.llm import padding
 
 
 def pad_batch(examples, rows, pad_id, bucket=32):
@@ -20,16 +21,10 @@ def pad_batch(examples, rows, pad_id, bucket=32):
   rows = list(rows)
   if not rows:
     raise ValueError("a batch needs at least one row")
-  longest = max(len(examples["input_ids"][i]) for i in rows)
-  length = -(-longest // bucket) * bucket
-  out = {"input_ids": np.full((len(rows), length), pad_id, np.int32),
-         "attention_mask": np.zeros((len(rows), length), np.int32),
-         "loss_mask": np.zeros((len(rows), length), np.int32)}
-  for r, i in enumerate(rows):
-    n = len(examples["input_ids"][i])
-    out["input_ids"][r, length - n:] = examples["input_ids"][i]
-    out["attention_mask"][r, length - n:] = 1
-    out["loss_mask"][r, length - n:] = examples["loss_mask"][i]
+  length = padding.round_up(max(len(examples["input_ids"][i]) for i in rows), bucket)
+  ids, mask = padding.left_pad([examples["input_ids"][i] for i in rows], length, pad_id)
+  loss_mask, _ = padding.left_pad([examples["loss_mask"][i] for i in rows], length, 0)
+  out = {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
   if "label" in examples:
     out["label"] = np.asarray(examples["label"], np.int32)[rows]
   return out
