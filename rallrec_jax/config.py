@@ -10,6 +10,8 @@ from pathlib import Path
 
 import ml_collections
 
+from rallrec_jax.eval import results as results_lib
+
 DATASETS = ("synthetic", "ml100k", "ml1m", "bookcrossing", "amazon_movies")
 SOURCES = ("files", "tfds")
 UNKNOWN_ID_POLICIES = ("error", "drop")
@@ -310,9 +312,14 @@ def validate(cfg):
     _check(cfg[section][name] in EVAL_ROWS, key,
            f"{cfg[section][name]!r} is not one of {EVAL_ROWS}")
   ckpt = str(cfg.eval.checkpoint)
-  _check(ckpt in ("best", "latest", "none") or ckpt.isdigit() or Path(ckpt).is_dir(),
-         "eval.checkpoint", f"{ckpt!r}: use best, latest, none (zero-shot), a step number or "
-         f"a checkpoint folder")
+  try:
+    averaged = results_lib.mean_steps(ckpt) is not None
+  except ValueError as e:
+    raise _error("eval.checkpoint", str(e)) from None
+  _check(ckpt in results_lib.CHECKPOINT_WORDS or ckpt.isdigit() or averaged
+         or Path(ckpt).is_dir(), "eval.checkpoint",
+         f"{ckpt!r}: use best, latest, none (zero-shot), a step number, mean:A,B,... (the "
+         f"average of those steps' weights) or a checkpoint folder")
   _check(all(s in ("train", "valid", "test") for s in cfg.eval.splits), "eval.splits",
          f"{tuple(cfg.eval.splits)!r}: splits are train, valid, test")
   for key in ("neighbors", "recommend_n", "recent"):

@@ -401,6 +401,10 @@ def _restore_checkpoint(cfg, workdir, lm, choice):
   if choice == "none":
     return {}, None
   lora_cfg = _lora_config(cfg)
+  steps = results_lib.mean_steps(choice)
+  if steps is not None:
+    weights = loop.restore_mean_weights(lm, lora_cfg, workdir / "checkpoints", steps)
+    return _scoring_weights(lm, lora_cfg, weights), steps[-1]
   keyword = choice in ("best", "latest") or choice.isdigit()
   folder = workdir / "checkpoints" if keyword else Path(choice)
   which = int(choice) if choice.isdigit() else ("latest" if choice == "latest" else "best")

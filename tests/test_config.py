@@ -105,6 +105,8 @@ def test_overrides_set_leaves_and_reject_unknown_keys():
     ("finetune.lora.alpha", 0.0, "finetune.lora.alpha: must be > 0"),
     ("finetune.lora.dropout", 1.0, "finetune.lora.dropout: must lie in"),
     ("finetune.lora.layers", -2, "finetune.lora.layers: must be a non-negative integer"),
+    ("eval.checkpoint", "mean:64,last", "eval.checkpoint: 'mean:64,last': after 'mean:' give"),
+    ("eval.checkpoint", "average", "eval.checkpoint: 'average': use best, latest"),
 ])
 def test_invalid_values_name_the_key(key, value, message):
   cfg = config_lib.apply_overrides(config_lib.base_config(), {key: value})

@@ -196,6 +196,8 @@ def test_each_checkpoint_choice_has_its_own_folder():
   other = results.checkpoint_name("/runs/a b/checkpoints")
   assert re.fullmatch(r"folder-runs_a_b_checkpoints-[0-9a-f]{8}", other)
   assert results.checkpoint_name("/runs/a_b/checkpoints") != other
+  assert results.checkpoint_name("mean:96,64,96") == "mean-64-96"
+  assert results.mean_steps("mean:96,64") == [64, 96] and results.mean_steps("96") is None
 
 
 def test_capped_rows_first_spread_and_all():

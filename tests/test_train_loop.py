@@ -135,6 +135,20 @@ def test_restore_weights_reads_a_clipped_accumulated_run(lm, tmp_path, method):
     assert_same_adapters(first, summary["weights"], 1e-6)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_mean_weights_are_the_average_of_the_steps(lm, tmp_path, method):
+  lora_cfg = LORA if method == "lora" else None
+  fit(lm, lora_cfg, batches(4), steps=3, lr=LR, checkpoint_dir=tmp_path / "checkpoints",
+      save_every=1, progress=False)
+  steps = [loop.restore_weights(lm, lora_cfg, tmp_path / "checkpoints", s)[0] for s in (1, 3)]
+  mean = loop.restore_mean_weights(lm, lora_cfg, tmp_path / "checkpoints", [1, 3])
+  for got, a, b in zip(jax.tree.leaves(mean), *map(jax.tree.leaves, steps)):
+    assert got.dtype == a.dtype and got.sharding == a.sharding
+    want = (np.asarray(a, np.float64) + np.asarray(b, np.float64)) / 2
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-7)
+  assert any(not np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, steps)))
+
+
 def test_grad_accum_matches_larger_batch(lm, full_run, tmp_path):
   accumulated = run(lm, tmp_path, batch_size=4, grad_accum=2)
   assert accumulated["examples_seen"] == full_run[1]["examples_seen"]

@@ -2,7 +2,8 @@
 
   W/eval/{checkpoint}/{split}.json, {split}_predictions.npz, {split}_baselines.json
 
-with {checkpoint} = best, latest, none, step-N, or folder-<path>-<hash> for a checkpoint folder
+with {checkpoint} = best, latest, none, step-N, mean-A-B-... for the average of the weights of
+steps A, B, ... (eval.checkpoint "mean:A,B,..."), or folder-<path>-<hash> for a checkpoint folder
 of another run. Reading also accepts a workdir from before these folders, whose files sit in
 W/eval/ itself. Plain files only, no JAX: the sweep launcher and `report` read it cheaply.
 """
@@ -17,14 +18,35 @@ FOLDER_CHARS = 60  # characters of a checkpoint folder's path kept in its eval/ 
 BASELINES_SUFFIX = "_baselines"  # {split}_baselines.json
 
 
+MEAN_PREFIX = "mean:"  # eval.checkpoint "mean:64,96,128": the average of those steps' weights
+
+
+def mean_steps(checkpoint):
+  """The steps of an eval.checkpoint "mean:A,B,..." (sorted, distinct), else None.
+
+  Raises ValueError when the list after "mean:" is not of step numbers.
+  """
+  choice = str(checkpoint)
+  if not choice.startswith(MEAN_PREFIX):
+    return None
+  parts = choice[len(MEAN_PREFIX):].split(",")
+  if not all(p.strip().isdigit() for p in parts):
+    raise ValueError(f"{choice!r}: after {MEAN_PREFIX!r} give step numbers separated by commas")
+  return sorted({int(p) for p in parts})
+
+
 def checkpoint_name(checkpoint):
-  """The folder under eval/ of an eval.checkpoint: best, latest, none, step-N for a step, or
-  folder-<its path, sanitised>-<hash of the path> for a checkpoint folder of another run."""
+  """The folder under eval/ of an eval.checkpoint: best, latest, none, step-N for a step,
+  mean-A-B-... for an average of steps, or folder-<its path, sanitised>-<hash of the path> for
+  a checkpoint folder of another run."""
   choice = str(checkpoint)
   if choice in CHECKPOINT_WORDS:
     return choice
   if choice.isdigit():
     return f"step-{int(choice)}"
+  steps = mean_steps(choice)
+  if steps is not None:
+    return "mean-" + "-".join(str(s) for s in steps)
   safe = re.sub(r"[^A-Za-z0-9._-]+", "_", choice).strip("._-")[-FOLDER_CHARS:]
   return f"folder-{safe}-{hashlib.sha256(choice.encode()).hexdigest()[:8]}"
 

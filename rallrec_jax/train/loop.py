@@ -82,6 +82,21 @@ def restore_weights(lm, lora_cfg, checkpoint_dir, step="best"):
   return weights, int(step)
 
 
+def restore_mean_weights(lm, lora_cfg, checkpoint_dir, steps):
+  """The average of the trained weights of `steps` (summed in float32 on their devices, then
+  cast to each leaf's dtype): checkpoint averaging, which smooths the noise of single updates
+  out of one model."""
+  total = dtypes = None
+  for step in steps:
+    weights, _ = restore_weights(lm, lora_cfg, checkpoint_dir, step)
+    if total is None:
+      dtypes = jax.tree.map(lambda x: x.dtype, weights)
+      total = jax.tree.map(lambda x: x.astype(np.float32), weights)
+    else:
+      total = jax.tree.map(lambda t, x: t + x.astype(np.float32), total, weights)
+  return jax.tree.map(lambda t, d: (t / len(steps)).astype(d), total, dtypes)
+
+
 def _fresh_meta(lm, lora_cfg, steps, grad_accum):
   return {"position": 0, "best_step": None, "best_auc": None,
           "evals_without_improvement": 0, "done": False, "steps": steps,
