@@ -155,8 +155,8 @@ register(Stage(
     resumes=("checkpoints", "metrics.jsonl", "finetune.json")))
 register(Stage(
     name="evaluate",
-    help="P(yes) of a checkpoint (eval.checkpoint: best, latest, STEP, a folder, or none for "
-         "zero-shot) on eval.splits, and non-LLM baselines fitted on the train split (item "
+    help="P(yes) of a checkpoint (eval.checkpoint: best, latest, STEP, mean:STEP,STEP,... for "
+         "their averaged weights, a folder, or none for zero-shot) on eval.splits, and non-LLM baselines fitted on the train split (item "
          "like-rate, user like-rate and mean rating of the prompt's history, a logistic "
          "regression on the three) on the same rows: writes eval/{checkpoint}/{split}.json, "
          "{split}_predictions.npz and {split}_baselines.json, one folder per checkpoint "
