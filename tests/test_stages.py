@@ -205,6 +205,12 @@ def test_full_fine_tuning_learns_on_the_shrunk_quickstart(run, tmp_path):
   zero = json.loads((copy / "eval" / "none" / "valid.json").read_text())
   assert zero["n"] == tuned["n"] == 200 and zero["step"] is None
   assert tuned["auc"] > zero["auc"] + 0.05, (tuned["auc"], zero["auc"])
+  # The average of one checkpoint with itself is that checkpoint: same scores, own folder.
+  best = tuned["step"]
+  cfg.eval.checkpoint = f"mean:{best},{best}"
+  pipeline.run(cfg, copy, stages=["evaluate"])
+  averaged = json.loads((copy / "eval" / f"mean-{best}" / "valid.json").read_text())
+  assert (averaged["auc"], averaged["step"]) == (tuned["auc"], best)
 
 
 def test_tiny_tokenizer_reads_every_word_of_the_prompts(run):
