@@ -156,11 +156,12 @@ register(Stage(
 register(Stage(
     name="evaluate",
     help="P(yes) of a checkpoint (eval.checkpoint: best, latest, STEP, mean:STEP,STEP,... for "
-         "their averaged weights, a folder, or none for zero-shot) on eval.splits, and non-LLM baselines fitted on the train split (item "
-         "like-rate, user like-rate and mean rating of the prompt's history, a logistic "
-         "regression on the three) on the same rows: writes eval/{checkpoint}/{split}.json, "
+         "their averaged weights, a folder, or none for zero-shot) on eval.splits, and non-LLM "
+         "baselines fitted on the train split (item like-rate, user like-rate and mean "
+         "rating of the prompt's history, a logistic regression on the three) on the same "
+         "rows: writes eval/{checkpoint}/{split}.json, "
          "{split}_predictions.npz and {split}_baselines.json, one folder per checkpoint "
-         "choice (best, latest, step-N, none, folder-...)",
+         "choice (best, latest, step-N, mean-A-B, none, folder-...)",
     run=stages.evaluate_stage, config_keys=("eval", "finetune", "model", "retrieval"),
     deps=lambda cfg: ("prepare", "retrieve") if str(cfg.eval.checkpoint) == "none" else (
         "prepare", "retrieve", "finetune"),

@@ -59,27 +59,38 @@ def _fresh_state(lm, lora_cfg, optimizer, seed):
   return step_lib.init_train_state(dropout_rng, weights, optimizer)
 
 
+@contextlib.contextmanager
+def _checkpoint_reader(lm, lora_cfg, checkpoint_dir):
+  """Within: read(step) -> (trained weights, step) for "best", "latest" or an int step, from one
+  manager and one abstract tree (the layout fresh weights of this model would have)."""
+  mngr = checkpoint.manager(checkpoint_dir)
+  try:
+    meta = checkpoint.read_meta(mngr)
+    abstract = checkpoint.abstract(step_lib.initial_weights(jax.random.PRNGKey(0), lm, lora_cfg))
+    expect = checkpoint.compat(lm.cfg, lora_cfg)
+
+    def read(step):
+      if step == "best":
+        step = meta["best_step"] if meta["best_step"] is not None else mngr.latest_step()
+      elif step == "latest":
+        step = mngr.latest_step()
+      if step not in mngr.all_steps():
+        raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint at step {step} "
+                                f"(have {sorted(mngr.all_steps())})")
+      return checkpoint.restore_weights(mngr, abstract, step, expect=expect), int(step)
+
+    yield read
+  finally:
+    mngr.close()
+
+
 def restore_weights(lm, lora_cfg, checkpoint_dir, step="best"):
   """(trained weights, step) of a fine-tune checkpoint: "best", "latest" or an int step.
 
   Only the weights are read, into the layout fresh weights of this model would have.
   """
-  mngr = checkpoint.manager(checkpoint_dir)
-  try:
-    latest = checkpoint.read_meta(mngr)
-    if step == "best":
-      step = latest["best_step"] if latest["best_step"] is not None else mngr.latest_step()
-    elif step == "latest":
-      step = mngr.latest_step()
-    if step not in mngr.all_steps():
-      raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint at step {step} "
-                              f"(have {sorted(mngr.all_steps())})")
-    weights = step_lib.initial_weights(jax.random.PRNGKey(0), lm, lora_cfg)
-    weights = checkpoint.restore_weights(mngr, checkpoint.abstract(weights), step,
-                                         expect=checkpoint.compat(lm.cfg, lora_cfg))
-  finally:
-    mngr.close()
-  return weights, int(step)
+  with _checkpoint_reader(lm, lora_cfg, checkpoint_dir) as read:
+    return read(step)
 
 
 def restore_mean_weights(lm, lora_cfg, checkpoint_dir, steps):
@@ -87,13 +98,14 @@ def restore_mean_weights(lm, lora_cfg, checkpoint_dir, steps):
   cast to each leaf's dtype): checkpoint averaging, which smooths the noise of single updates
   out of one model."""
   total = dtypes = None
-  for step in steps:
-    weights, _ = restore_weights(lm, lora_cfg, checkpoint_dir, step)
-    if total is None:
-      dtypes = jax.tree.map(lambda x: x.dtype, weights)
-      total = jax.tree.map(lambda x: x.astype(np.float32), weights)
-    else:
-      total = jax.tree.map(lambda t, x: t + x.astype(np.float32), total, weights)
+  with _checkpoint_reader(lm, lora_cfg, checkpoint_dir) as read:
+    for step in steps:
+      weights, _ = read(step)
+      if total is None:
+        dtypes = jax.tree.map(lambda x: x.dtype, weights)
+        total = jax.tree.map(lambda x: x.astype(np.float32), weights)
+      else:
+        total = jax.tree.map(lambda t, x: t + x.astype(np.float32), total, weights)
   return jax.tree.map(lambda t, d: (t / len(steps)).astype(d), total, dtypes)
 
 
