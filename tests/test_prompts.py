@@ -47,14 +47,6 @@ def smollm2():
   return tok_lib.load(path)
 
 
-def test_tiny_vocabulary_splits_words_as_its_tokenizer_does(tmp_path):
-  """No word of the texts the vocabulary was built from reads as <unk>."""
-  text = "Jumanji (1995) liked by 50% , rated 3.5 stars x_y2z é-ü"
-  tok = tiny.word_tokenizer(tmp_path, tiny.vocabulary([text]))
-  assert tok.tokenize(text) == ["Jumanji", "(", "1995", ")", "liked", "by", "50", "%", ",",
-                                "rated", "3", ".", "5", "stars", "x", "_", "y2z", "é", "-", "ü"]
-
-
 def test_ml1m_text():
   assert render.render_prompt(PROFILE, HISTORY, TARGET, "ml1m") == ML1M_TEXT
 

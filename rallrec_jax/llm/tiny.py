@@ -20,9 +20,7 @@ SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|sys
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> "
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
 BASE_WORDS = "Yes No yes no . , ? ! : ; ' \" ( ) - the a an is of and to in".split()
-# Split as the tokenizer's pre-tokenizers split: runs of letters and digits, and every other
-# non-space character (the underscore included) alone.
-_WORD = re.compile(r"[^\W_]+|_|[^\w\s]")
+_WORD = re.compile(r"\w+|[^\w\s]")
 
 
 def vocabulary(texts, max_words=4000):
