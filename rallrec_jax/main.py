@@ -19,7 +19,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from rallrec_jax import distributed, pipeline
+from rallrec_jax import distributed, pipeline, stage
+from rallrec_jax.eval import table
 from rallrec_jax.config import ConfigError
 from rallrec_jax.data import DataError
 
@@ -80,15 +81,15 @@ def main(argv):
     status = pipeline.run(_CONFIG.value, _WORKDIR.value, stages=_STAGES.value, force=_FORCE.value)
   except (ConfigError, DataError, pipeline.PipelineError) as e:
     _fail(e)
-  except pipeline.Preempted as e:
+  except stage.Preempted as e:
     print(f"preempted: {e}", file=sys.stderr)
     sys.exit(128 + signal.SIGTERM)
   if not distributed.is_primary():
     return
   print(" ".join(f"{name}={state}" for name, state in status.items()))
-  table = pipeline.results_table(_WORKDIR.value, _CONFIG.value.eval.checkpoint)
-  if table:
-    print(table)
+  text = table.results_table(_WORKDIR.value, _CONFIG.value.eval.checkpoint)
+  if text:
+    print(text)
 
 
 def run():

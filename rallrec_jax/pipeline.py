@@ -10,7 +10,6 @@ Under several processes (rallrec_jax.distributed), stages marked `distributed` r
 process; the others run on process 0 while the rest wait for the stage's manifest of this run.
 Only process 0 writes manifests.
 """
-import dataclasses
 import hashlib
 import json
 import logging
@@ -19,12 +18,17 @@ import shutil
 import textwrap
 import time
 from pathlib import Path
-from typing import Callable
 
 from rallrec_jax import atomic
 from rallrec_jax import config as config_lib
-from rallrec_jax import data, distributed, stages
-from rallrec_jax.eval import baselines, metrics, results
+from rallrec_jax import distributed
+from rallrec_jax.align import stage as align_stage
+from rallrec_jax.cf import stage as cf_stage
+from rallrec_jax.data import stage as data_stage
+from rallrec_jax.eval import stage as eval_stage
+from rallrec_jax.retrieval import stage as retrieval_stage
+from rallrec_jax.text import stage as text_stage
+from rallrec_jax.train import stage as train_stage
 
 log = logging.getLogger("rallrec_jax")
 
@@ -33,38 +37,14 @@ LARGE_FILE = 256 << 20
 _FILE_HASHES = {}
 
 
-Preempted = stages.Preempted
-
-
 class PipelineError(RuntimeError):
   """A stage cannot run as asked (a missing or stale upstream artifact, an unknown stage)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  name: str
-  help: str                        # what it does and writes, for --help
-  run: Callable                    # run(cfg, workdir)
-  config_keys: tuple = ()          # config subtrees that decide its outputs
-  deps: object = ()                # stages whose artifacts it reads (or a function of the cfg)
-  outputs: tuple = ()              # workdir-relative paths it writes
-  external_inputs: Callable = lambda cfg: []   # raw files it reads
-  version: int = 1                 # bump when the stage's code changes its outputs
-  distributed: bool = False        # runs on every process of a multi-host job (else process 0)
-  needed: Callable = lambda cfg: True   # False: nothing reads it, so a full run leaves it out
-  resumes: tuple = ()              # workdir-relative partial work it resumes from (--force clears)
-
-
-def _prepare(cfg, workdir):
-  dataset = data.prepare(cfg.data)
-  data.save(dataset, Path(workdir) / "data")
-  m = dataset.meta
-  log.info("prepare: %s: %d users, %d items, %d ratings; samples %s", m["name"], m["num_users"],
-           m["num_items"], m["num_ratings"],
-           " / ".join(f"{k} {v:,}" for k, v in m["splits"].items()))
-  for note in m["notes"]:
-    log.info("prepare: %s", note)
-
+# Run order. Adding a stage: declare it in a `stage.py` beside its code, add it here.
+REGISTRY = (data_stage.PREPARE, text_stage.DESCRIBE, text_stage.EMBED, cf_stage.CF,
+            align_stage.ALIGN, align_stage.MIX, retrieval_stage.INDEX, retrieval_stage.RETRIEVE,
+            train_stage.FINETUNE, eval_stage.EVALUATE)
 
 STAGES = {}
 
@@ -84,127 +64,8 @@ def deps_of(stage, cfg):
   return tuple(deps)
 
 
-register(Stage(
-    name="prepare",
-    help="load the raw dataset and build the canonical one: writes data/ (items.jsonl, "
-         "users.jsonl, timelines.npz, samples_{train,valid,test}.npz, meta.json)",
-    run=_prepare, config_keys=("data",), outputs=("data",),
-    external_inputs=lambda cfg: data.input_files(cfg.data)))
-
-
-register(Stage(
-    name="describe",
-    help="generate an LLM description of every item (resumable): writes descriptions.jsonl",
-    run=stages.describe, config_keys=("describe", "model"), deps=("prepare",),
-    outputs=("descriptions.jsonl",), external_inputs=stages.model_files,
-    needed=lambda cfg: cfg.embed.source == "description", resumes=("descriptions.jsonl",)))
-register(Stage(
-    name="embed",
-    help="mean-pooled LLM hidden states of each item's description (or plain template), PCA: "
-         "writes embeddings/text.npy",
-    run=stages.embed, config_keys=("embed", "model"),
-    deps=lambda cfg: ("prepare", "describe") if cfg.embed.source == "description" else (
-        "prepare",),
-    outputs=("embeddings/text.npy",), external_inputs=stages.model_files))
-register(Stage(
-    name="cf",
-    help="LightGCN (BPR) on the interactions before the validation period, resumable: writes "
-         "embeddings/cf.npy, cf/metrics.json (validation recall/NDCG)",
-    run=stages.cf, config_keys=("cf",), deps=("prepare",),
-    outputs=("embeddings/cf.npy", "cf/metrics.json"), resumes=("cf/checkpoints",)))
-register(Stage(
-    name="align",
-    help="contrastive (InfoNCE) alignment of the text and CF views of train-period items: "
-         "writes embeddings/joint.npy, align/metrics.json",
-    run=stages.align, config_keys=("align",), deps=("prepare", "embed", "cf"),
-    outputs=("embeddings/joint.npy", "align/metrics.json")))
-# The stages that make the blocks of each mix variant.
-_MIX_BLOCK_STAGES = {"text": ("embed",), "cf": ("cf",), "mix": ("embed", "cf"),
-                     "mix3": ("embed", "cf", "align")}
-register(Stage(
-    name="mix",
-    help="the retrieval embedding: text, cf and joint blocks scaled and concatenated per "
-         "mix.variant: writes embeddings/mixed.npy",
-    run=stages.mix, config_keys=("mix",),
-    deps=lambda cfg: ("prepare",) + _MIX_BLOCK_STAGES[cfg.mix.variant],
-    outputs=("embeddings/mixed.npy",)))
-
-register(Stage(
-    name="index",
-    help="nearest-neighbour index of the mixed vectors (index.backend auto: exact search below "
-         "5,000 items, ScaNN above), top-M neighbours per item and their recall "
-         "against exact search, candidate generation evaluated on the test period: writes "
-         "index/ (scann/, neighbors.npy, metrics.json, recommend.json)",
-    run=stages.index, config_keys=("index",), deps=("prepare", "mix"), outputs=("index",)))
-
-register(Stage(
-    name="retrieve",
-    help="for every sample, the K history items of its prompt (retrieval.order, default the "
-         "paper's rerank) by cosine on the mixed vectors: writes retrieval/{split}.npz",
-    run=stages.retrieve, config_keys=("retrieval", "data.max_history"), deps=("prepare", "mix"),
-    outputs=("retrieval",)))
-
-register(Stage(
-    name="finetune",
-    help="instruction tuning (finetune.method lora or full, finetune.loss answer or lm) on "
-         "prompts of the finetune.variant training set, early stopping on validation AUC, "
-         "resumable: writes checkpoints/, metrics.jsonl, finetune.json",
-    run=stages.finetune, config_keys=("finetune", "model", "retrieval"),
-    deps=("prepare", "mix", "retrieve"), outputs=("finetune.json",),
-    external_inputs=stages.model_files, distributed=True,
-    resumes=("checkpoints", "metrics.jsonl", "finetune.json")))
-register(Stage(
-    name="evaluate",
-    help="P(yes) of a checkpoint (eval.checkpoint: best, latest, STEP, mean:STEP,STEP,... for "
-         "their averaged weights, a folder, or none for zero-shot) on eval.splits, and non-LLM "
-         "baselines fitted on the train split (item like-rate, user like-rate and mean "
-         "rating of the prompt's history, a logistic regression on the three) on the same "
-         "rows: writes eval/{checkpoint}/{split}.json, "
-         "{split}_predictions.npz and {split}_baselines.json, one folder per checkpoint "
-         "choice (best, latest, step-N, mean-A-B, none, folder-...)",
-    run=stages.evaluate_stage, config_keys=("eval", "finetune", "model", "retrieval"),
-    deps=lambda cfg: ("prepare", "retrieve") if str(cfg.eval.checkpoint) == "none" else (
-        "prepare", "retrieve", "finetune"),
-    outputs=("eval",), external_inputs=stages.model_files, version=3, distributed=True))
-
-
-def _number(value):
-  return "-" if value is None else f"{value:.4f}"
-
-
-def results_table(workdir, checkpoint="best"):
-  """A text table of the workdir's evaluation of `checkpoint` (best, else the only one stored;
-  "" when there is none): each split's eval/{checkpoint}/{split}.json row, naming the
-  checkpoint, followed by its {split}_baselines.json rows with AUC(LLM) - AUC(baseline)."""
-  stored = results.stored_results(workdir)
-  name = results.choose(stored, checkpoint)
-  if name is None:
-    return ""
-  lines = []
-  for split, path in sorted(stored[name].items()):
-    m = json.loads(path.read_text())
-    lines.append((split, m, metrics.checkpoint_label(m.get("checkpoint"), m.get("step"))))
-    extra = baselines.path(path.parent, split)
-    if extra.is_file():
-      lines += _baseline_lines(json.loads(extra.read_text()))
-  width = max(6, *(len(label) for label, _, _ in lines))
-  rows = [f"{label:<{width}} {m['auc']:.4f}  {_number(m['logloss']):>7}  "
-          f"{_number(m.get('logloss_calibrated')):>10}  {_number(m['acc']):>6}  {m['n']:>6}  "
-          f"{last}" for label, m, last in lines]
-  header = f"{'split':<{width}} AUC     LogLoss  calibrated  ACC     n       checkpoint"
-  return "\n".join([header] + rows)
-
-
-def _baseline_lines(table):
-  """(label, metrics, last column) of each baseline of a {split}_baselines.json table."""
-  lines = []
-  for name, b in table.items():
-    low, high = b["auc_diff_ci"]
-    rank = b.get("spearman_llm")
-    lines.append((f"  baseline: {baselines.TITLES.get(name, name)}", b,
-                  f"LLM minus it {b['auc_diff']:+.4f} [{low:+.4f}, {high:+.4f}]"
-                  + ("" if rank is None else f", rank corr. with LLM {rank:+.2f}")))
-  return lines
+for _stage in REGISTRY:
+  register(_stage)
 
 
 def describe_stages():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from rallrec_jax import data as data_lib
-from rallrec_jax import pipeline, stages
+from rallrec_jax import pipeline
+from rallrec_jax.retrieval import stage as retrieval_stage
 from rallrec_jax.retrieval import candidates
 from rallrec_jax.retrieval import index as ix
 from tests.test_config import load_config
@@ -273,7 +274,7 @@ def test_index_stage_writes_its_recall_against_exact_search(prepared, backend):
   vectors = _clustered(np.random.default_rng(9), num_items, 64, clusters=8)
   np.save(workdir / "embeddings" / "mixed.npy", vectors)
   cfg.index.backend = backend
-  stages.index(cfg, workdir)
+  retrieval_stage.index(cfg, workdir)
   k = cfg.index.neighbors
   metrics = json.loads((workdir / "index" / "metrics.json").read_text())
   assert metrics["backend"] == ("exact" if backend == "auto" else "scann")

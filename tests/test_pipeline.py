@@ -7,6 +7,7 @@ import pytest
 
 from rallrec_jax import config as config_lib
 from rallrec_jax import data, pipeline
+from rallrec_jax.stage import Stage
 from tests.conftest import REPO
 from tests.test_movielens import random_ratings, write_ml1m
 
@@ -20,7 +21,7 @@ def ml1m_config(folder):
 def register_after_prepare(monkeypatch, **fields):
   """Add a stage reading `prepare`'s artifacts to a copy of the registry, for this test only."""
   monkeypatch.setattr(pipeline, "STAGES", dict(pipeline.STAGES))
-  pipeline.register(pipeline.Stage(help=f"writes {', '.join(fields['outputs'])}",
+  pipeline.register(Stage(help=f"writes {', '.join(fields['outputs'])}",
                                    deps=("prepare",), **fields))
 
 
@@ -124,7 +125,7 @@ def test_execution_keys_neither_rerun_nor_restart(tmp_path, folder, monkeypatch)
   skips finished stages (old manifests that hold them too) and keeps resume keys. Manifests
   written before a config key existed stay current while the key has its default."""
   monkeypatch.setattr(pipeline, "STAGES", dict(pipeline.STAGES))
-  pipeline.register(pipeline.Stage(
+  pipeline.register(Stage(
       name="count", help="writes count.txt", run=lambda cfg, w: (w / "count.txt").write_text("1"),
       config_keys=("retrieval", "model", "eval"), deps=("prepare",), outputs=("count.txt",)))
   workdir = tmp_path / "w"
@@ -155,7 +156,7 @@ def test_a_manifest_from_before_a_key_reads_as_what_the_code_did_then(tmp_path, 
   """finetune.loss joined the config with default 'answer'; older fine-tunes used 'lm'."""
   assert config_lib.VALUES_BEFORE_KEY["finetune.loss"] == "lm"
   monkeypatch.setattr(pipeline, "STAGES", dict(pipeline.STAGES))
-  pipeline.register(pipeline.Stage(
+  pipeline.register(Stage(
       name="tune", help="writes tune.txt", run=lambda cfg, w: (w / "tune.txt").write_text("1"),
       config_keys=("finetune",), deps=("prepare",), outputs=("tune.txt",)))
   workdir = tmp_path / "w"
@@ -233,7 +234,7 @@ def test_a_failed_rerun_keeps_the_config_of_the_run_that_made_the_artifacts(tmp_
     raise RuntimeError("stage failed")
 
   monkeypatch.setattr(pipeline, "STAGES", dict(pipeline.STAGES))
-  pipeline.register(pipeline.Stage(name="boom", help="fails", run=fails, config_keys=("eval",),
+  pipeline.register(Stage(name="boom", help="fails", run=fails, config_keys=("eval",),
                                    deps=("prepare",), outputs=("boom.txt",)))
   cfg = ml1m_config(folder)
   cfg.eval.max_samples = 3

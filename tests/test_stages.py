@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from rallrec_jax import data, pipeline, report, stages
-from rallrec_jax.eval import baselines, evaluate
-from rallrec_jax.text import describe
-from rallrec_jax.train import loop
+from rallrec_jax import data, pipeline, report, workdir_model
+from rallrec_jax import stage as stage_lib
+from rallrec_jax.eval import baselines, evaluate, table as table_lib
+from rallrec_jax.text import describe, stage as text_stage
+from rallrec_jax.train import loop, stage as train_stage
 from tests.test_baselines import loop_item_rates
 from tests.test_config import load_config
 
@@ -104,7 +105,7 @@ def test_finetune_and_evaluate_from_checkpoints(run):
   assert abs(best["auc"] - logged[summary["best_step"]]) < 1e-6
   test = json.loads((workdir / "eval" / "best" / "test.json").read_text())
   assert test["n"] == cfg.eval.max_samples and 0 <= test["auc"] <= 1
-  table = pipeline.results_table(workdir).splitlines()
+  table = table_lib.results_table(workdir).splitlines()
   assert table[0].startswith("split") and table[1].split()[:2] == ["test", f"{test['auc']:.4f}"]
   assert table[1].endswith(f"best (step {summary['best_step']})")
   assert [line.split(":")[0] for line in table[2:6]] == ["  baseline"] * 4
@@ -134,9 +135,9 @@ def check_records_of_both(cfg, zero, workdir, best_files, test):
   """After evaluating best and then none, both results are kept, best is what the results
   table and the report show, and asking for best again is not taken as up to date."""
   assert {p.name: p.read_bytes() for p in (workdir / "eval" / "best").iterdir()} == best_files
-  assert pipeline.results_table(workdir) == pipeline.results_table(workdir, "best")
-  assert pipeline.results_table(workdir).splitlines()[1].split()[1] == f"{test['auc']:.4f}"
-  assert pipeline.results_table(workdir, "none").splitlines()[1].endswith("none (zero-shot)")
+  assert table_lib.results_table(workdir) == table_lib.results_table(workdir, "best")
+  assert table_lib.results_table(workdir).splitlines()[1].split()[1] == f"{test['auc']:.4f}"
+  assert table_lib.results_table(workdir, "none").splitlines()[1].endswith("none (zero-shot)")
   run = report.load_run(workdir, "test")
   assert run.summary == test
   assert report.load_run(workdir, "test", "none").summary["checkpoint"] == "none"
@@ -165,7 +166,7 @@ def test_preempted_finetune_resumes_to_the_same_run(run, tmp_path, monkeypatch):
     return result
 
   monkeypatch.setattr(loop, "_evaluate", sigterm_after_first_eval)
-  with pytest.raises(pipeline.Preempted, match="rerun the same command"):
+  with pytest.raises(stage_lib.Preempted, match="rerun the same command"):
     pipeline.run(cfg, copy, stages=STAGES + ["finetune"])
   assert pipeline.read_manifest(copy, "finetune") is None
   first = (copy / "metrics.jsonl").read_text().splitlines()
@@ -218,16 +219,16 @@ def test_tiny_tokenizer_reads_every_word_of_the_prompts(run):
   (the target's *** marks, "stars", the profile) is <unk>."""
   cfg, workdir, _ = run
   dataset = data.load_dataset(workdir)
-  lm = stages.load_model(cfg, workdir, dataset)
+  lm = workdir_model.load_model(cfg, workdir, dataset)
   unk = lm.tokenizer.unk_token_id
   for split in ("train", "test"):
-    examples = stages._eval_examples(cfg, workdir, dataset, lm, split, 0, "first")
+    examples = train_stage.eval_examples(cfg, workdir, dataset, lm, split, 0, "first")
     assert len(examples["input_ids"]) == len(dataset.splits[split])
     assert not any(unk in ids for ids in examples["input_ids"]), split
   words = set(lm.tokenizer.convert_ids_to_tokens(examples["input_ids"][0]))
   assert {"*", "stars", "watched", "ONLY"} <= words
   cfg.embed.source = "template"
-  embedded = lm.tokenizer(stages.item_texts(cfg, workdir, dataset)).input_ids
+  embedded = lm.tokenizer(text_stage.item_texts(cfg, workdir, dataset)).input_ids
   assert not any(unk in ids for ids in embedded)
   assert {"Here", "Its"} <= set(lm.tokenizer.convert_ids_to_tokens(embedded[0]))
 

@@ -31,6 +31,13 @@ def pool(num_train, size=POOL_SIZE, seed=POOL_SEED):
   return order[:min(size, num_train)].astype(np.int64)
 
 
+def orders(variant, order):
+  """The retrieval orders whose train-split histories a variant's prompts use."""
+  if variant == "mixed":
+    return MIXED_ORDERS
+  return ({"simple": "simple", "rerank": "rerank"}.get(variant, order),)
+
+
 def training_set(variant, pool_indices, retrievals_by_order, *, order="rerank",
                  mixed_size=MIXED_SIZE, mixed_orders=MIXED_ORDERS):
   """[(order, sample index)] of one variant, checked against the retrievals at hand.

@@ -1,0 +1,143 @@
+"""The `finetune` stage: instruction tuning on the training prompts, selected on validation AUC.
+
+Also what the `evaluate` stage shares with it: prompts of a split's rows, the LoRA config and
+the weights that scoring takes."""
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from rallrec_jax import config as config_lib
+from rallrec_jax import data, distributed, stage, workdir_model
+from rallrec_jax.eval import evaluate
+from rallrec_jax.llm import lora
+from rallrec_jax.prompts import render
+from rallrec_jax.retrieval import history
+from rallrec_jax.stage import Stage
+from rallrec_jax.train import batches, loop, sets
+
+log = logging.getLogger("rallrec_jax")
+
+
+def lora_config(cfg):
+  """The LoraConfig of finetune.lora, or None under full fine-tuning (finetune.method=full)."""
+  if cfg.finetune.method == "full":
+    return None
+  f = cfg.finetune.lora
+  return lora.LoraConfig(rank=f.rank, alpha=f.alpha, dropout=f.dropout, targets=tuple(f.targets),
+                         layers=f.layers)
+
+
+def scoring_weights(lm, lora_cfg, weights):
+  """(adapters, params) that `evaluate.score_examples` takes for trained `weights`."""
+  if lora_cfg is not None:
+    return {"adapters": weights, "lora_cfg": lora_cfg}
+  dtype = jax.tree.leaves(lm.params)[0].dtype
+  return {"params": jax.tree.map(lambda x: x.astype(dtype), weights)}
+
+
+def build_examples(dataset, tokenizer, split, results, pairs, *, labels, max_length, item_stats,
+                   user_stats):
+  """Examples of (order, sample index) pairs, built per order and put back in pair order."""
+  by_order = {}
+  for position, (order, sample) in enumerate(pairs):
+    by_order.setdefault(order, []).append((position, sample))
+  out = {"input_ids": [None] * len(pairs), "loss_mask": [None] * len(pairs),
+         "label": np.zeros(len(pairs), np.int8), "sample": np.zeros(len(pairs), np.int64)}
+  for order, items in by_order.items():
+    subset = history.take(results[order], [s for _, s in items])
+    built = render.build_examples(dataset, subset, tokenizer, split=split, labels=labels,
+                                  max_length=max_length, order=order, item_stats=item_stats,
+                                  user_stats=user_stats)
+    for j, (position, _) in enumerate(items):
+      for key in ("input_ids", "loss_mask", "label", "sample"):
+        out[key][position] = built[key][j]
+  return out
+
+
+def eval_examples(cfg, workdir, dataset, lm, split, limit, which):
+  """Prompt-only examples of `limit` rows (0: all) of a split's retrieval, `which` ("first" or
+  "spread") saying which."""
+  result = history.load(Path(workdir) / "retrieval" / f"{split}.npz")
+  rows = evaluate.capped_rows(len(result["sample"]), limit, which)
+  pairs = [(cfg.retrieval.order, int(s)) for s in result["sample"][rows]]
+  return build_examples(dataset, lm.tokenizer, split, {cfg.retrieval.order: result}, pairs,
+                        labels=False, max_length=cfg.finetune.max_length,
+                        item_stats=cfg.finetune.item_stats, user_stats=cfg.finetune.user_stats)
+
+
+def finetune(cfg, workdir):
+  """checkpoints/: LoRA instruction tuning on the training set of finetune.variant, selected
+  and early-stopped on the validation AUC; resumes from the latest checkpoint."""
+  workdir = Path(workdir)
+  dataset = data.load_dataset(workdir)
+  f = cfg.finetune
+  key = json.dumps([f.to_dict(), config_lib.result_config(cfg, "retrieval"),
+                    config_lib.result_config(cfg, "model")], sort_keys=True, default=str)
+  if distributed.is_primary():
+    stage.resumable([workdir / "checkpoints", workdir / "metrics.jsonl"], workdir / ".finetune.key",
+                    hashlib.sha256(key.encode()).hexdigest() + stage.data_key(workdir))
+  distributed.barrier("finetune key")
+  lm = workdir_model.load_model(cfg, workdir, dataset)
+  primary = distributed.is_primary()
+  vectors = np.load(workdir / "embeddings" / "mixed.npy")
+  orders = sets.orders(f.variant, cfg.retrieval.order)
+  r = cfg.retrieval
+  results = {order: history.retrieve(dataset, "train", vectors, k=r.k, order=order,
+                                     max_history=cfg.data.max_history, half_life=r.half_life,
+                                     rerank_short=r.rerank_short, batch_size=r.batch_size)
+             for order in orders}
+  pool = sets.pool(len(dataset.splits["train"]), f.pool_size, f.seed)
+  pairs = sets.training_set(f.variant, pool, results, order=r.order, mixed_size=f.mixed_size)
+  examples = build_examples(dataset, lm.tokenizer, "train", results, pairs,
+                            labels=f.loss == "lm", max_length=f.max_length,
+                            item_stats=f.item_stats, user_stats=f.user_stats)
+  valid = eval_examples(cfg, workdir, dataset, lm, "valid", f.eval_samples, f.eval_rows)
+  yes, no = lm.yes_no_tokens()
+  lora_cfg = lora_config(cfg)
+
+  def eval_fn(weights):
+    logits = evaluate.score_examples(lm, valid, yes, no, batch_size=cfg.eval.batch_size,
+                                     **scoring_weights(lm, lora_cfg, weights))
+    return {k: v for k, v in evaluate.evaluate_split(valid["label"], logits).items()
+            if v is not None}
+
+  per_update = f.batch_size * f.grad_accum
+  updates_per_epoch = max(1, -(-len(pairs) // per_update))
+  pad = lm.tokenizer.pad_token_id or 0
+
+  def train_batches(position):
+    for _, rows in batches.epochs(examples, f.batch_size, f.seed, start=position):
+      yield batches.pad_batch(examples, rows, pad)
+
+  summary = loop.fit(lm, lora_cfg, train_batches, steps=updates_per_epoch * f.epochs, lr=f.lr,
+                     weight_decay=f.weight_decay, grad_accum=f.grad_accum, warmup=f.warmup,
+                     clip_norm=f.clip_norm, loss=f.loss, answer_ids=(yes, no),
+                     checkpoint_dir=workdir / "checkpoints",
+                     save_every=f.eval_every or updates_per_epoch,
+                     eval_fn=eval_fn, eval_every=f.eval_every or updates_per_epoch,
+                     patience=f.patience, seed=f.seed, progress=primary,
+                     metrics_path=workdir / "metrics.jsonl" if primary else None)
+  summary = {k: v for k, v in summary.items() if k != "weights"}
+  if summary["status"] == "preempted":
+    raise stage.Preempted(f"finetune: SIGTERM at step {summary['step']}; checkpoint saved in "
+                          f"{workdir / 'checkpoints'}; rerun the same command to resume")
+  if primary:
+    stage.save_json(workdir / "finetune.json", {**summary, "examples": len(pairs),
+                                                "updates_per_epoch": updates_per_epoch})
+  log.info("finetune: %s at step %s; best valid AUC %s at step %s", summary["status"],
+           summary["step"], summary["best_auc"], summary["best_step"])
+
+
+FINETUNE = Stage(
+    name="finetune",
+    help="instruction tuning (finetune.method lora or full, finetune.loss answer or lm) on "
+         "prompts of the finetune.variant training set, early stopping on validation AUC, "
+         "resumable: writes checkpoints/, metrics.jsonl, finetune.json",
+    run=finetune, config_keys=("finetune", "model", "retrieval"),
+    deps=("prepare", "mix", "retrieve"), outputs=("finetune.json",),
+    external_inputs=workdir_model.model_files, distributed=True,
+    resumes=("checkpoints", "metrics.jsonl", "finetune.json"))
