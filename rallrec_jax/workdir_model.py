@@ -29,7 +29,7 @@ def _tiny_folder(workdir):
 def _tiny_model_folder(cfg, workdir, dataset):
   """W/model_tiny: a random decoder whose vocabulary covers the items' text and prompts."""
   folder = _tiny_folder(workdir)
-  texts = _tiny_vocabulary_texts(dataset)
+  texts = _tiny_vocabulary_texts(dataset, cfg.finetune.user_lifetime_stats)
   key = hashlib.sha256(json.dumps([cfg.model.tiny.to_dict(), dataset.meta, texts],
                                   sort_keys=True).encode()).hexdigest()
   if (folder / "config.json").is_file() and (folder / "key").is_file() and (
@@ -44,12 +44,14 @@ def _tiny_model_folder(cfg, workdir, dataset):
   return folder
 
 
-def _tiny_vocabulary_texts(dataset):
+def _tiny_vocabulary_texts(dataset, lifetime=False):
   """Texts whose words the tiny tokenizer must know: the items, the description prompts, the
   plain template, and the recommendation question with every rating from 0 to 10 stars and
   every user's profile, the history summary (`finetune.user_stats`) and the target's like-rate
   phrase (`finetune.item_stats`), so that no word of a prompt (the target's *** marks, "stars",
-  an occupation) or of an embedded text reads as <unk>."""
+  an occupation) or of an embedded text reads as <unk>. `lifetime` adds the lifetime summary
+  (`finetune.user_lifetime_stats`); without it the texts, and so the random weights, are those
+  of every earlier run."""
   name = dataset.meta["name"]
   texts = [json.dumps(it, ensure_ascii=False) for it in dataset.items]
   texts += [templates.description_prompt(it, name) for it in dataset.items[:50]]
@@ -60,6 +62,9 @@ def _tiny_vocabulary_texts(dataset):
                                     threshold=dataset.meta["label_threshold"]))
   texts += [render.render_prompt(user, [], titles[0], name) for user in dataset.users]
   texts.append(item_stats.vocabulary_text())
+  if lifetime:
+    texts.append(render.render_prompt(dataset.users[0], history, titles[0], name,
+                                      lifetime=(87, 45, 3.6)))
   return texts
 
 

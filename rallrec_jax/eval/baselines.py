@@ -11,6 +11,12 @@
   logistic_regression  the three features above, standardised, into a logistic regression
                        fitted on at most FIT_SAMPLES train samples (a seeded random subset).
 
+With `lifetime` (a run whose prompts state `finetune.user_lifetime_stats`) three rows join them:
+
+  user_lifetime_like_rate    the user's like-rate over every rating before the sample
+  user_lifetime_mean_rating  the user's mean rating over them
+  logistic_regression_lifetime  the regression on all five features
+
 The history features count every retrieved item, including any a prompt dropped to fit
 finetune.max_length. The regression's training rows use leave-one-out item like-rates (their
 own label taken out of their item's counts), so the coefficient of the item feature is not
@@ -29,15 +35,19 @@ from sklearn.preprocessing import StandardScaler
 
 from rallrec_jax import atomic
 from rallrec_jax.eval import bootstrap, metrics, results
-from rallrec_jax.prompts import item_stats, render
+from rallrec_jax.prompts import item_stats, render, user_lifetime
 from rallrec_jax.retrieval import history
 
 FIT_SAMPLES = 4000  # train samples the logistic regression is fitted on (fast, and plenty for 3)
 SEED = 0            # chooses those samples and seeds the bootstrap
 RESAMPLES = 1000    # bootstrap resamples of the AUC and AUC-difference CIs
 TITLES = {"item_like_rate": "item like-rate", "user_like_rate": "user like-rate",
-          "user_mean_rating": "user mean rating", "logistic_regression": "logistic regression"}
-PROBABILITIES = ("item_like_rate", "user_like_rate", "logistic_regression")
+          "user_mean_rating": "user mean rating", "logistic_regression": "logistic regression",
+          "user_lifetime_like_rate": "user like-rate (all earlier ratings)",
+          "user_lifetime_mean_rating": "user mean rating (all earlier ratings)",
+          "logistic_regression_lifetime": "logistic regression on all five"}
+PROBABILITIES = ("item_like_rate", "user_like_rate", "logistic_regression",
+                 "user_lifetime_like_rate", "logistic_regression_lifetime")
 SUFFIX = results.BASELINES_SUFFIX  # eval/{checkpoint}/{split}_baselines.json
 
 
@@ -50,6 +60,7 @@ class Fitted:
   mean_rating: float       # mean rating of the train samples
   threshold: float         # rating above which an item is liked
   model: object            # sklearn pipeline: StandardScaler, LogisticRegression
+  lifetime_model: object = None  # the same on five features, with `lifetime`
 
   def item_rate(self, items):
     """Smoothed train like-rate of each item."""
@@ -68,8 +79,23 @@ def _history_features(dataset, split, result, like_rate, mean_rating, threshold)
   return (np.where(some, liked / safe, like_rate), np.where(some, total / safe, mean_rating))
 
 
-def fit(dataset, train_result, fit_samples=FIT_SAMPLES, seed=SEED):
-  """Fitted baselines from the train split's samples and its retrieval result."""
+def _lifetime_features(dataset, split, samples, like_rate, mean_rating, threshold):
+  """(like-rate, mean rating) [N] over each sample's earlier ratings; the train-wide values for a
+  user with none."""
+  count, liked, mean = user_lifetime.counts(dataset, split, samples, threshold)
+  some = count > 0
+  return (np.where(some, liked / np.maximum(count, 1), like_rate),
+          np.where(some, np.nan_to_num(mean), mean_rating))
+
+
+def _regression(features, y):
+  model = make_pipeline(StandardScaler(), LogisticRegression())
+  return model.fit(np.stack(features, axis=1), y.astype(np.int64))
+
+
+def fit(dataset, train_result, fit_samples=FIT_SAMPLES, seed=SEED, lifetime=False):
+  """Fitted baselines from the train split's samples and its retrieval result; `lifetime` adds
+  the regression on five features."""
   train = dataset.splits["train"]
   label = train.label.astype(np.float64)
   likes, count, like_rate = item_stats.train_counts(dataset)
@@ -79,9 +105,12 @@ def fit(dataset, train_result, fit_samples=FIT_SAMPLES, seed=SEED):
   target, y = train.target[chosen], label[chosen]
   item = item_stats.smoothed(likes[target] - y, count[target] - 1, like_rate)
   user = _history_features(dataset, "train", rows, like_rate, mean_rating, threshold)
-  model = make_pipeline(StandardScaler(), LogisticRegression())
-  model.fit(np.stack([item, *user], axis=1), y.astype(np.int64))
-  return Fitted(likes, count, like_rate, mean_rating, threshold, model)
+  model = _regression([item, *user], y)
+  lifetime_model = None
+  if lifetime:
+    whole = _lifetime_features(dataset, "train", rows["sample"], like_rate, mean_rating, threshold)
+    lifetime_model = _regression([item, *user, *whole], y)
+  return Fitted(likes, count, like_rate, mean_rating, threshold, model, lifetime_model)
 
 
 def scores(fitted, dataset, split, result, samples):
@@ -91,8 +120,15 @@ def scores(fitted, dataset, split, result, samples):
   user_rate, user_mean = _history_features(dataset, split, rows, fitted.like_rate,
                                           fitted.mean_rating, fitted.threshold)
   features = np.stack([item, user_rate, user_mean], axis=1)
-  return {"item_like_rate": item, "user_like_rate": user_rate, "user_mean_rating": user_mean,
-          "logistic_regression": fitted.model.predict_proba(features)[:, 1]}
+  out = {"item_like_rate": item, "user_like_rate": user_rate, "user_mean_rating": user_mean,
+         "logistic_regression": fitted.model.predict_proba(features)[:, 1]}
+  if fitted.lifetime_model is not None:
+    whole = _lifetime_features(dataset, split, rows["sample"], fitted.like_rate,
+                               fitted.mean_rating, fitted.threshold)
+    out.update(user_lifetime_like_rate=whole[0], user_lifetime_mean_rating=whole[1],
+               logistic_regression_lifetime=fitted.lifetime_model.predict_proba(
+                   np.concatenate([features, np.stack(whole, axis=1)], axis=1))[:, 1])
+  return out
 
 
 def compare(labels, llm_scores, baseline_scores, resamples=RESAMPLES, seed=SEED):

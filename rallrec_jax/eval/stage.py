@@ -58,8 +58,8 @@ def evaluate_stage(cfg, workdir):
   workdir = Path(workdir)
   dataset = data.load_dataset(workdir)
   primary = distributed.is_primary()
-  fitted = (baselines.fit(dataset, history.load(workdir / "retrieval" / "train.npz"))
-            if primary else None)
+  fitted = (baselines.fit(dataset, history.load(workdir / "retrieval" / "train.npz"),
+                          lifetime=cfg.finetune.user_lifetime_stats) if primary else None)
   lm = workdir_model.load_model(cfg, workdir, dataset)
   yes, no = lm.yes_no_tokens()
   choice = str(cfg.eval.checkpoint)

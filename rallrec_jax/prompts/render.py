@@ -13,20 +13,23 @@ retrieved items, and of those the oldest goes first.
 import numpy as np
 
 from rallrec_jax.llm.tokenizer import chat_prompt
-from rallrec_jax.prompts import item_stats as item_stats_lib, templates
+from rallrec_jax.prompts import item_stats as item_stats_lib, templates, user_lifetime
 
 DROP = {"simple": "first", "sequential": "first", "fusion": "first", "high": "last",
         "rerank": "last"}
 
 
-def render_prompt(user, history, target, dataset_name, threshold=None):
+def render_prompt(user, history, target, dataset_name, threshold=None, lifetime=None):
   """The question text of one sample; `history` is (title, rating) pairs in prompt order. With a
   like `threshold` (stars), the list is followed by the user's like count and mean rating over
-  it (`templates.history_summary`)."""
+  it (`templates.history_summary`); with `lifetime` = (count, liked, mean) of every earlier
+  rating, by those too (`templates.lifetime_summary`)."""
   kind = templates.kind_of(dataset_name)
   lines = [templates.item_line(title, rating) for title, rating in history]
-  summary = (None if threshold is None else
-             templates.history_summary(kind, user, [r for _, r in history], threshold))
+  parts = [None if threshold is None else
+           templates.history_summary(kind, user, [r for _, r in history], threshold),
+           None if lifetime is None else templates.lifetime_summary(kind, user, *lifetime)]
+  summary = "\n".join(p for p in parts if p) or None
   return templates.prompt(kind, user, lines, target, summary)
 
 
@@ -57,7 +60,7 @@ def _kept(history, n, drop):
 
 
 def encode_fitted(tokenizer, user, history, target, dataset_name, *, answer=None,
-                  max_length=None, drop="last", threshold=None):
+                  max_length=None, drop="last", threshold=None, lifetime=None):
   """`encode` of the sample's prompt with as many history items as fit in `max_length` tokens.
 
   The count is found by binary search (prompt length grows with the item count), so a K-item
@@ -68,7 +71,8 @@ def encode_fitted(tokenizer, user, history, target, dataset_name, *, answer=None
   history = list(history)
 
   def attempt(n):
-    text = render_prompt(user, _kept(history, n, drop), target, dataset_name, threshold)
+    text = render_prompt(user, _kept(history, n, drop), target, dataset_name, threshold,
+                         lifetime)
     return dict(encode(tokenizer, text, answer), kept=n)
 
   def fits(enc):
@@ -118,16 +122,18 @@ def history_ratings(dataset, split, result):
 
 
 def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length=1024,
-                   order="rerank", item_stats=False, user_stats=False):
+                   order="rerank", item_stats=False, user_stats=False,
+                   user_lifetime_stats=False):
   """Token ids and loss masks of every sample of a `retrieve` result, in its row order.
 
   labels=True appends each sample's answer (training); False leaves the prompt open for
   scoring. `order` is the retrieval order that made `result`; it picks the items dropped first
   when a prompt is too long. `item_stats` names the target with its earlier raters' like-rate
   (`rallrec_jax.prompts.item_stats`); `user_stats` follows the history with the user's like count
-  and mean rating over the items kept (`templates.history_summary`). Returns input_ids and
-  loss_mask (lists of int32 arrays), label (int8 [N]), sample (index in the split [N]) and kept
-  (history items in each prompt [N]).
+  and mean rating over the items kept (`templates.history_summary`); `user_lifetime_stats`
+  adds the like-rate and mean rating over every earlier rating (`user_lifetime`). Returns
+  input_ids and loss_mask (lists of int32 arrays), label (int8 [N]), sample (index in the split
+  [N]) and kept (history items in each prompt [N]).
   """
   if order not in DROP:
     raise ValueError(f"unknown retrieval order {order!r}; known: {sorted(DROP)}")
@@ -138,6 +144,8 @@ def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length
   ratings = history_ratings(dataset, split, result)
   rates = item_stats_lib.target_rates(dataset, split, sample) if item_stats else None
   threshold = float(dataset.meta["label_threshold"]) if user_stats else None
+  lifetime = (user_lifetime.counts(dataset, split, sample, float(dataset.meta["label_threshold"]))
+              if user_lifetime_stats else None)
   out = {"input_ids": [], "loss_mask": [], "kept": []}
   for i, (user, target, hist) in enumerate(zip(result["user"], result["target"],
                                                result["history"])):
@@ -148,7 +156,8 @@ def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length
       title = f"{title} ({item_stats_lib.phrase(rates[i])})"
     enc = encode_fitted(tokenizer, dataset.users[user], pairs, title, name,
                         answer=templates.ANSWERS[bool(label[i])] if labels else None,
-                        max_length=max_length, drop=DROP[order], threshold=threshold)
+                        max_length=max_length, drop=DROP[order], threshold=threshold,
+                        lifetime=None if lifetime is None else [a[i] for a in lifetime])
     for key in out:
       out[key].append(enc[key])
   return dict(out, kept=np.asarray(out["kept"], np.int32), label=label, sample=sample)

@@ -16,6 +16,8 @@ _WORDS = {  # kind -> (things, verb, threshold in stars)
 }
 _HEAD = "{subject} {verb} the following relevant {things} in the past, and rated them:"
 _SUMMARY = "{subject} liked {liked} of these {count} {things}, rated {mean:.1f} stars on average."
+_LIFETIME = ("Of all {count} {things} {pronoun} rated before, {pronoun} liked {percent}% of them, "
+             "{mean:.1f} stars on average.")
 _TAIL = (
     "Note that more stars the user rated the {thing}, the user liked the {thing} more.\n"
     "And we think the user will like a new {thing} if the rating could be higher than "
@@ -78,6 +80,17 @@ def history_summary(kind, user, ratings, threshold):
   liked = sum(r > threshold for r in ratings)
   return _SUMMARY.format(subject=_subject(kind, user)[0], liked=liked, count=len(ratings),
                          things=_WORDS[kind][0], mean=sum(ratings) / len(ratings))
+
+
+def lifetime_summary(kind, user, count, liked, mean):
+  """'Of all 87 movies he rated before, he liked 52% of them, 3.6 stars on average.' (the user's
+  like-rate and mean rating over every earlier rating, `rallrec_jax.prompts.user_lifetime`);
+  None for a user with no earlier rating."""
+  if not count:
+    return None
+  return _LIFETIME.format(count=int(count), things=_WORDS[kind][0],
+                          pronoun=_subject(kind, user)[1],
+                          percent=int(round(100 * liked / count)), mean=float(mean))
 
 
 def prompt(kind, user, lines, target, summary=None):
