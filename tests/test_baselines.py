@@ -10,7 +10,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from rallrec_jax import config as config_lib
 from rallrec_jax import data
 from rallrec_jax.eval import baselines
-from rallrec_jax.prompts import item_stats
+from rallrec_jax.prompts import item_stats, user_lifetime
 
 K = 6
 FIT = 300
@@ -84,19 +84,28 @@ def test_scores_match_loop_recomputation(dataset):
   assert got["user_like_rate"][1] == pytest.approx(dataset.splits["train"].label.mean())
 
   # The regression: fitted here on features recomputed by loops, leave-one-out item rates.
-  train = dataset.splits["train"]
-  chosen = np.sort(np.random.default_rng(3).permutation(len(train))[:FIT])
+  x, y = loop_train_features(dataset, train_result, seed=3)
+  z = np.column_stack([got["item_like_rate"], got["user_like_rate"], got["user_mean_rating"]])
+  np.testing.assert_allclose(got["logistic_regression"], loop_regression(x, y, z), rtol=1e-6)
+
+
+def loop_train_features(ds, train_result, seed):
+  """(features [FIT, 3], labels) of the train rows the regression is fitted on, by loops."""
+  train = ds.splits["train"]
+  chosen = np.sort(np.random.default_rng(seed).permutation(len(train))[:FIT])
   rate = train.label.mean()
   loo = []
   for i in chosen:
     same = [j for j in range(len(train)) if train.target[j] == train.target[i] and j != i]
     loo.append((train.label[same].sum() + item_stats.PRIOR * rate) / (len(same) + item_stats.PRIOR))
-  x = np.column_stack([loo, loop_history(dataset, "train", train_result, chosen)])
+  x = np.column_stack([loo, loop_history(ds, "train", train_result, chosen)])
+  return x, train.label[chosen]
+
+
+def loop_regression(x, y, z):
+  """P(like) of rows `z` from a logistic regression on standardised `x`."""
   mean, sd = x.mean(0), x.std(0)
-  model = LogisticRegression().fit((x - mean) / sd, train.label[chosen])
-  z = np.column_stack([got["item_like_rate"], got["user_like_rate"], got["user_mean_rating"]])
-  np.testing.assert_allclose(got["logistic_regression"],
-                             model.predict_proba((z - mean) / sd)[:, 1], rtol=1e-6)
+  return LogisticRegression().fit((x - mean) / sd, y).predict_proba((z - mean) / sd)[:, 1]
 
 
 def test_fit_reads_no_validation_or_test_label(dataset):
@@ -155,3 +164,54 @@ def test_compare_metrics_and_paired_differences(tmp_path):
   assert abs(table["item_like_rate"]["spearman_llm"]) < 0.15
   baselines.write(tmp_path / "best", "test", table)
   assert json.loads((tmp_path / "best" / "test_baselines.json").read_text()) == table
+
+
+def loop_lifetime(ds, split, samples):
+  """(count, liked, mean) of every rating before each sample, by scanning its user's timeline."""
+  s, t = ds.splits[split], ds.timelines
+  threshold = ds.meta["label_threshold"]
+  out = []
+  for i in samples:
+    first = t.offsets[s.user[i]]
+    ratings = [float(t.rating[row]) for row in range(first, first + s.pos[i])]
+    out.append((len(ratings), sum(r > threshold for r in ratings),
+                sum(ratings) / len(ratings) if ratings else np.nan))
+  return np.array(out)
+
+
+def test_lifetime_counts_and_baselines_match_loops(dataset):
+  samples = np.array([0, 3, 40, len(dataset.splits["test"]) - 1])
+  count, liked, mean = user_lifetime.counts(dataset, "test", samples,
+                                            dataset.meta["label_threshold"])
+  expected = loop_lifetime(dataset, "test", samples)
+  np.testing.assert_array_equal(count, expected[:, 0])
+  np.testing.assert_array_equal(liked, expected[:, 1])
+  np.testing.assert_allclose(mean, expected[:, 2], rtol=1e-12)
+  assert (count > 5).all()  # test samples have long histories: more than the K shown items
+
+  train_result = random_retrieval(dataset, "train", seed=0)
+  plain = baselines.fit(dataset, train_result, fit_samples=FIT, seed=3)
+  fitted = baselines.fit(dataset, train_result, fit_samples=FIT, seed=3, lifetime=True)
+  result = random_retrieval(dataset, "test", seed=1)
+  without = baselines.scores(plain, dataset, "test", result, samples)
+  got = baselines.scores(fitted, dataset, "test", result, samples)
+  assert set(got) - set(without) == {"user_lifetime_like_rate", "user_lifetime_mean_rating",
+                                      "logistic_regression_lifetime"}
+  for name in without:  # the three-feature rows do not change
+    np.testing.assert_array_equal(got[name], without[name])
+  np.testing.assert_allclose(got["user_lifetime_like_rate"], expected[:, 1] / expected[:, 0],
+                             rtol=1e-12)
+  np.testing.assert_allclose(got["user_lifetime_mean_rating"], expected[:, 2], rtol=1e-12)
+  # The five-feature regression, refitted here on loop-recomputed features.
+  x, y = loop_train_features(dataset, train_result, seed=3)
+  train = dataset.splits["train"]
+  chosen = np.sort(np.random.default_rng(3).permutation(len(train))[:FIT])
+  whole = loop_lifetime(dataset, "train", chosen)
+  some = whole[:, 0] > 0
+  extra = np.column_stack([
+      np.where(some, whole[:, 1] / np.maximum(whole[:, 0], 1), train.label.mean()),
+      np.where(some, np.nan_to_num(whole[:, 2]), train.rating.mean())])
+  z = np.column_stack([got["item_like_rate"], got["user_like_rate"], got["user_mean_rating"],
+                       got["user_lifetime_like_rate"], got["user_lifetime_mean_rating"]])
+  np.testing.assert_allclose(got["logistic_regression_lifetime"],
+                             loop_regression(np.column_stack([x, extra]), y, z), rtol=1e-6)

@@ -9,7 +9,7 @@ import pytest
 from rallrec_jax.data import schema
 from rallrec_jax.eval import baselines
 from rallrec_jax.llm import tiny, tokenizer as tok_lib
-from rallrec_jax.prompts import render, templates
+from rallrec_jax.prompts import render, templates, user_lifetime
 
 PROFILE = {"gender": "F", "age": 25, "age_group": "25-34", "occupation": "writer"}
 HISTORY = [("Toy Story (1995)", 5.0), ("Heat (1995)", 1.0), ("Babe (1995)", 3.5)]
@@ -253,3 +253,30 @@ def test_history_summary_counts_the_listed_items_as_the_baselines_do(tiny_tok):
   assert "liked 0 of these 2 movies, rated 2.0 stars" in text
   np.testing.assert_array_equal(out["input_ids"][1],
                                 render.encode(tiny_tok, text, "No.")["input_ids"])
+
+
+def test_lifetime_summary_states_every_earlier_rating(tiny_tok):
+  assert templates.lifetime_summary("movie", PROFILE, 87, 45, 3.64) == (
+      "Of all 87 movies she rated before, she liked 52% of them, 3.6 stars on average.")
+  assert templates.lifetime_summary("book", {}, 4, 1, 5.5) == (
+      "Of all 4 books the user rated before, the user liked 25% of them, 5.5 stars on average.")
+  assert templates.lifetime_summary("movie", PROFILE, 0, 0, float("nan")) is None
+  text = render.render_prompt(PROFILE, HISTORY, TARGET, "ml1m", threshold=3.0,
+                              lifetime=(87, 45, 3.64))
+  assert text == ML1M_TEXT.replace("(3.5 stars)\n", (
+      "(3.5 stars)\nShe liked 2 of these 3 movies, rated 3.2 stars on average.\n"
+      "Of all 87 movies she rated before, she liked 52% of them, 3.6 stars on average.\n"))
+  ds = schema.Dataset(**dict(vars(_dataset()), meta={"name": "ml1m", "label_threshold": 3.0}))
+  out = render.build_examples(ds, _result(), tiny_tok, split="train", order="simple",
+                              user_lifetime_stats=True)
+  count, liked, mean = user_lifetime.counts(ds, "train", _result()["sample"], 3.0)
+  assert (count.tolist(), liked.tolist(), mean.tolist()) == ([2, 3], [1, 1], [3.0, 3.0])
+  for i in range(2):
+    text = render.render_prompt(ds.users[i], [
+        (ds.items[item]["title"], rating) for item, rating in zip(
+            _result()["history"][i], render.history_ratings(ds, "train", _result())[i])
+        if item >= 0], ds.items[_result()["target"][i]]["title"], "ml1m",
+        lifetime=(count[i], liked[i], mean[i]))
+    assert f"Of all {count[i]} movies" in text
+    np.testing.assert_array_equal(out["input_ids"][i], render.encode(
+        tiny_tok, text, templates.ANSWERS[bool(out["label"][i])])["input_ids"])
