@@ -110,12 +110,12 @@ def base_config():
   # paper's prompt, see rallrec_jax/prompts/item_stats.py). `user_stats`: follow the history
   # list with the user's like count and mean rating over it (rallrec_jax/prompts/templates.py).
   # `user_lifetime_stats`: and with the user's like-rate and mean rating over every earlier
-  # rating (rallrec_jax/prompts/user_lifetime.py).
+  # rating (rallrec_jax/prompts/user_lifetime.py). `genres`: name every item with its genres.
   c.finetune = ml_collections.ConfigDict(dict(
       variant="rerank", pool_size=8192, mixed_size=1024, max_length=1024, batch_size=8,
       grad_accum=32, lr=5e-4, weight_decay=0.0, warmup=0, clip_norm=0.0, epochs=20, eval_every=0,
       eval_samples=1000, eval_rows="first", patience=5, seed=42, method="lora", loss="answer",
-      item_stats=False, user_stats=False, user_lifetime_stats=False,
+      item_stats=False, user_stats=False, user_lifetime_stats=False, genres=False,
       lora=ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.05,
                                           targets=("q_proj", "v_proj"), layers=0))))
   # Rows scored when a split is capped (finetune.eval_rows for model selection, eval.rows for

@@ -191,12 +191,13 @@ def test_lifetime_counts_and_baselines_match_loops(dataset):
 
   train_result = random_retrieval(dataset, "train", seed=0)
   plain = baselines.fit(dataset, train_result, fit_samples=FIT, seed=3)
-  fitted = baselines.fit(dataset, train_result, fit_samples=FIT, seed=3, lifetime=True)
+  fitted = baselines.fit(dataset, train_result, fit_samples=FIT, seed=3,
+                         extra=("user_lifetime_stats",))
   result = random_retrieval(dataset, "test", seed=1)
   without = baselines.scores(plain, dataset, "test", result, samples)
   got = baselines.scores(fitted, dataset, "test", result, samples)
   assert set(got) - set(without) == {"user_lifetime_like_rate", "user_lifetime_mean_rating",
-                                      "logistic_regression_lifetime"}
+                                      "logistic_regression_all"}
   for name in without:  # the three-feature rows do not change
     np.testing.assert_array_equal(got[name], without[name])
   np.testing.assert_allclose(got["user_lifetime_like_rate"], expected[:, 1] / expected[:, 0],
@@ -213,5 +214,36 @@ def test_lifetime_counts_and_baselines_match_loops(dataset):
       np.where(some, np.nan_to_num(whole[:, 2]), train.rating.mean())])
   z = np.column_stack([got["item_like_rate"], got["user_like_rate"], got["user_mean_rating"],
                        got["user_lifetime_like_rate"], got["user_lifetime_mean_rating"]])
-  np.testing.assert_allclose(got["logistic_regression_lifetime"],
+  np.testing.assert_allclose(got["logistic_regression_all"],
                              loop_regression(np.column_stack([x, extra]), y, z), rtol=1e-6)
+
+
+def test_genre_baseline_reads_the_shown_items_sharing_a_genre_with_the_target(dataset):
+  train_result = random_retrieval(dataset, "train", seed=0)
+  fitted = baselines.fit(dataset, train_result, fit_samples=FIT, seed=3,
+                         extra=("genres", "user_lifetime_stats"))
+  assert fitted.extra == ("user_lifetime_stats", "genres")
+  result = random_retrieval(dataset, "test", seed=1)
+  samples = np.arange(len(result["sample"]))
+  got = baselines.scores(fitted, dataset, "test", result, samples)
+  items, t, split = dataset.items, dataset.timelines, dataset.splits["test"]
+  expected = []
+  for r in samples:
+    i = result["sample"][r]
+    first = t.offsets[split.user[i]]
+    wanted = set(items[split.target[i]]["genres"])
+    ratings = []
+    for item in result["history"][r].tolist():
+      if item >= 0 and wanted & set(items[item]["genres"]):
+        rows = [row for row in range(first, first + split.pos[i]) if t.item[row] == item]
+        ratings.append(float(t.rating[rows[-1]]))
+    expected.append(np.mean(ratings) if ratings else dataset.splits["train"].rating.mean())
+  np.testing.assert_allclose(got["user_genre_mean_rating"], expected, rtol=1e-12)
+  assert len(set(expected)) > 2
+  # The regression reads all six features, in EXTRA's order.
+  z = np.column_stack([got[k] for k in ("item_like_rate", "user_like_rate", "user_mean_rating",
+                                        "user_lifetime_like_rate", "user_lifetime_mean_rating",
+                                        "user_genre_mean_rating")])
+  np.testing.assert_allclose(got["logistic_regression_all"],
+                             fitted.extra_model.predict_proba(z)[:, 1], rtol=1e-12)
+  assert fitted.extra_model[0].n_features_in_ == 6

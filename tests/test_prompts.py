@@ -280,3 +280,20 @@ def test_lifetime_summary_states_every_earlier_rating(tiny_tok):
     assert f"Of all {count[i]} movies" in text
     np.testing.assert_array_equal(out["input_ids"][i], render.encode(
         tiny_tok, text, templates.ANSWERS[bool(out["label"][i])])["input_ids"])
+
+
+def test_genres_name_every_item_with_its_genres(tiny_tok):
+  assert render.titled({"title": "Heat (1995)", "genres": ["Action", "Crime"]}, genres=True) == (
+      "Heat (1995) (Action, Crime)")
+  assert render.titled({"title": "Heat (1995)", "genres": ["Action"]}) == "Heat (1995)"
+  assert render.titled({"title": "Heat (1995)", "genres": []}, genres=True) == "Heat (1995)"
+  assert render.wording({"genres": True}) == {"item_stats": False, "user_stats": False,
+                                              "user_lifetime_stats": False, "genres": True}
+  ds = _dataset()
+  for i, item in enumerate(ds.items):
+    item["genres"] = [f"G{i % 2}"]
+  out = render.build_examples(ds, _result(), tiny_tok, split="train", order="high", genres=True)
+  user0 = render.render_prompt(ds.users[0], [("Bravo (G1)", 1), ("Alpha (G0)", 5)],
+                               "Charlie (G0)", "ml1m")
+  np.testing.assert_array_equal(out["input_ids"][0],
+                                render.encode(tiny_tok, user0, "Yes.")["input_ids"])

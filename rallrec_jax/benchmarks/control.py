@@ -213,15 +213,12 @@ def control(model_dir, batches, lora_cfg, opt, eval_batches=(), dtype="float32",
 
 def _prompts(dataset, tokenizer, workdir, split, samples, cfg):
   """Prompt-only examples of `samples` (indices in `split`) with their stored history, worded
-  as the workdir's fine-tune words them (`finetune.item_stats`, `finetune.user_stats`,
-  `finetune.user_lifetime_stats`)."""
+  as the workdir's fine-tune words them (`render.WORDING`)."""
   result = history.take(history.load(Path(workdir) / "retrieval" / f"{split}.npz"), samples)
   f = cfg["finetune"]
   return render.build_examples(dataset, result, tokenizer, split=split, labels=False,
                                max_length=f["max_length"], order=cfg["retrieval"]["order"],
-                               item_stats=f.get("item_stats", False),
-                               user_stats=f.get("user_stats", False),
-                               user_lifetime_stats=f.get("user_lifetime_stats", False))
+                               **render.wording(f))
 
 
 def _workdir_config(workdir):

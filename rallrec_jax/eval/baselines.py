@@ -11,11 +11,13 @@
   logistic_regression  the three features above, standardised, into a logistic regression
                        fitted on at most FIT_SAMPLES train samples (a seeded random subset).
 
-With `lifetime` (a run whose prompts state `finetune.user_lifetime_stats`) three rows join them:
+A run whose prompts state more (`EXTRA`) is compared with baselines that read it too:
 
-  user_lifetime_like_rate    the user's like-rate over every rating before the sample
-  user_lifetime_mean_rating  the user's mean rating over them
-  logistic_regression_lifetime  the regression on all five features
+  user_lifetime_like_rate    (`finetune.user_lifetime_stats`) the user's like-rate over every
+  user_lifetime_mean_rating  rating before the sample, and their mean rating
+  user_genre_mean_rating     (`finetune.genres`) the mean rating of the shown items that share a
+                             genre with the target; the global train mean rating when none do
+  logistic_regression_all    the regression on the three features and all of these
 
 The history features count every retrieved item, including any a prompt dropped to fit
 finetune.max_length. The regression's training rows use leave-one-out item like-rates (their
@@ -45,9 +47,13 @@ TITLES = {"item_like_rate": "item like-rate", "user_like_rate": "user like-rate"
           "user_mean_rating": "user mean rating", "logistic_regression": "logistic regression",
           "user_lifetime_like_rate": "user like-rate (all earlier ratings)",
           "user_lifetime_mean_rating": "user mean rating (all earlier ratings)",
-          "logistic_regression_lifetime": "logistic regression on all five"}
+          "user_genre_mean_rating": "user mean rating (shown items of the target's genres)",
+          "logistic_regression_all": "logistic regression on every feature above"}
 PROBABILITIES = ("item_like_rate", "user_like_rate", "logistic_regression",
-                 "user_lifetime_like_rate", "logistic_regression_lifetime")
+                 "user_lifetime_like_rate", "logistic_regression_all")
+# finetune wording key -> the baseline features it adds (`_extra_features`).
+EXTRA = {"user_lifetime_stats": ("user_lifetime_like_rate", "user_lifetime_mean_rating"),
+         "genres": ("user_genre_mean_rating",)}
 SUFFIX = results.BASELINES_SUFFIX  # eval/{checkpoint}/{split}_baselines.json
 
 
@@ -60,7 +66,8 @@ class Fitted:
   mean_rating: float       # mean rating of the train samples
   threshold: float         # rating above which an item is liked
   model: object            # sklearn pipeline: StandardScaler, LogisticRegression
-  lifetime_model: object = None  # the same on five features, with `lifetime`
+  extra: tuple = ()         # EXTRA keys whose features join the baselines
+  extra_model: object = None  # the regression on the three features and the extra ones
 
   def item_rate(self, items):
     """Smoothed train like-rate of each item."""
@@ -88,14 +95,42 @@ def _lifetime_features(dataset, split, samples, like_rate, mean_rating, threshol
           np.where(some, np.nan_to_num(mean), mean_rating))
 
 
+def _genre_mean(dataset, split, rows, mean_rating):
+  """[N] mean rating of each row's shown items that share a genre with its target."""
+  names = sorted({g for item in dataset.items for g in item.get("genres", [])})
+  index = {g: j for j, g in enumerate(names)}
+  member = np.zeros((dataset.num_items, max(len(names), 1)), bool)
+  for i, item in enumerate(dataset.items):
+    member[i, [index[g] for g in item.get("genres", [])]] = True
+  history_items = np.asarray(rows["history"], np.int64)
+  ratings = render.history_ratings(dataset, split, rows)
+  shared = (history_items >= 0) & (member[np.maximum(history_items, 0)]
+                                   & member[np.asarray(rows["target"])][:, None, :]).any(-1)
+  count = shared.sum(axis=1)
+  total = np.where(shared, np.nan_to_num(ratings), 0.0).sum(axis=1)
+  return np.where(count > 0, total / np.maximum(count, 1), mean_rating)
+
+
+def _extra_features(fitted, dataset, split, rows):
+  """{name: [N]} of the EXTRA features of `fitted.extra`, in EXTRA's order."""
+  out = {}
+  if "user_lifetime_stats" in fitted.extra:
+    rate, mean = _lifetime_features(dataset, split, rows["sample"], fitted.like_rate,
+                                    fitted.mean_rating, fitted.threshold)
+    out.update(user_lifetime_like_rate=rate, user_lifetime_mean_rating=mean)
+  if "genres" in fitted.extra:
+    out["user_genre_mean_rating"] = _genre_mean(dataset, split, rows, fitted.mean_rating)
+  return out
+
+
 def _regression(features, y):
   model = make_pipeline(StandardScaler(), LogisticRegression())
   return model.fit(np.stack(features, axis=1), y.astype(np.int64))
 
 
-def fit(dataset, train_result, fit_samples=FIT_SAMPLES, seed=SEED, lifetime=False):
-  """Fitted baselines from the train split's samples and its retrieval result; `lifetime` adds
-  the regression on five features."""
+def fit(dataset, train_result, fit_samples=FIT_SAMPLES, seed=SEED, extra=()):
+  """Fitted baselines from the train split's samples and its retrieval result; `extra` (EXTRA
+  keys, the wording keys a run's prompts use) adds their features and a regression on all."""
   train = dataset.splits["train"]
   label = train.label.astype(np.float64)
   likes, count, like_rate = item_stats.train_counts(dataset)
@@ -105,12 +140,12 @@ def fit(dataset, train_result, fit_samples=FIT_SAMPLES, seed=SEED, lifetime=Fals
   target, y = train.target[chosen], label[chosen]
   item = item_stats.smoothed(likes[target] - y, count[target] - 1, like_rate)
   user = _history_features(dataset, "train", rows, like_rate, mean_rating, threshold)
-  model = _regression([item, *user], y)
-  lifetime_model = None
-  if lifetime:
-    whole = _lifetime_features(dataset, "train", rows["sample"], like_rate, mean_rating, threshold)
-    lifetime_model = _regression([item, *user, *whole], y)
-  return Fitted(likes, count, like_rate, mean_rating, threshold, model, lifetime_model)
+  fitted = Fitted(likes, count, like_rate, mean_rating, threshold, _regression([item, *user], y),
+                  tuple(k for k in EXTRA if k in extra))
+  if fitted.extra:
+    more = _extra_features(fitted, dataset, "train", rows)
+    fitted.extra_model = _regression([item, *user, *more.values()], y)
+  return fitted
 
 
 def scores(fitted, dataset, split, result, samples):
@@ -122,12 +157,11 @@ def scores(fitted, dataset, split, result, samples):
   features = np.stack([item, user_rate, user_mean], axis=1)
   out = {"item_like_rate": item, "user_like_rate": user_rate, "user_mean_rating": user_mean,
          "logistic_regression": fitted.model.predict_proba(features)[:, 1]}
-  if fitted.lifetime_model is not None:
-    whole = _lifetime_features(dataset, split, rows["sample"], fitted.like_rate,
-                               fitted.mean_rating, fitted.threshold)
-    out.update(user_lifetime_like_rate=whole[0], user_lifetime_mean_rating=whole[1],
-               logistic_regression_lifetime=fitted.lifetime_model.predict_proba(
-                   np.concatenate([features, np.stack(whole, axis=1)], axis=1))[:, 1])
+  if fitted.extra:
+    more = _extra_features(fitted, dataset, split, rows)
+    out.update(more)
+    out["logistic_regression_all"] = fitted.extra_model.predict_proba(
+        np.concatenate([features, np.stack(list(more.values()), axis=1)], axis=1))[:, 1]
   return out
 
 

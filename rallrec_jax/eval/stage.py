@@ -6,6 +6,7 @@ from pathlib import Path
 from rallrec_jax import atomic, data, distributed, workdir_model
 from rallrec_jax.eval import baselines, evaluate, metrics
 from rallrec_jax.eval import results as results_lib
+from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import history
 from rallrec_jax.stage import Stage
 from rallrec_jax.train import loop
@@ -59,7 +60,8 @@ def evaluate_stage(cfg, workdir):
   dataset = data.load_dataset(workdir)
   primary = distributed.is_primary()
   fitted = (baselines.fit(dataset, history.load(workdir / "retrieval" / "train.npz"),
-                          lifetime=cfg.finetune.user_lifetime_stats) if primary else None)
+                          extra=[k for k, on in render.wording(cfg.finetune).items() if on])
+            if primary else None)
   lm = workdir_model.load_model(cfg, workdir, dataset)
   yes, no = lm.yes_no_tokens()
   choice = str(cfg.eval.checkpoint)

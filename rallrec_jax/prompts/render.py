@@ -17,6 +17,22 @@ from rallrec_jax.prompts import item_stats as item_stats_lib, templates, user_li
 
 DROP = {"simple": "first", "sequential": "first", "fusion": "first", "high": "last",
         "rerank": "last"}
+# The finetune keys that decide a prompt's wording beyond the paper's (`build_examples`).
+WORDING = ("item_stats", "user_stats", "user_lifetime_stats", "genres")
+
+
+def wording(finetune):
+  """{key: bool} of the WORDING keys of a finetune config section (a ConfigDict or a dict read
+  from a workdir's config.json, where keys added later are absent: False)."""
+  return {key: bool(finetune.get(key, False)) for key in WORDING}
+
+
+def titled(item, genres=False):
+  """An item's title as prompts name it; with `genres`, followed by its genres:
+  "Toy Story (1995) (Animation, Children's, Comedy)"."""
+  if genres and item.get("genres"):
+    return f"{item['title']} ({', '.join(item['genres'])})"
+  return item["title"]
 
 
 def render_prompt(user, history, target, dataset_name, threshold=None, lifetime=None):
@@ -123,7 +139,7 @@ def history_ratings(dataset, split, result):
 
 def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length=1024,
                    order="rerank", item_stats=False, user_stats=False,
-                   user_lifetime_stats=False):
+                   user_lifetime_stats=False, genres=False):
   """Token ids and loss masks of every sample of a `retrieve` result, in its row order.
 
   labels=True appends each sample's answer (training); False leaves the prompt open for
@@ -131,7 +147,8 @@ def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length
   when a prompt is too long. `item_stats` names the target with its earlier raters' like-rate
   (`rallrec_jax.prompts.item_stats`); `user_stats` follows the history with the user's like count
   and mean rating over the items kept (`templates.history_summary`); `user_lifetime_stats`
-  adds the like-rate and mean rating over every earlier rating (`user_lifetime`). Returns
+  adds the like-rate and mean rating over every earlier rating (`user_lifetime`); `genres`
+  names every item with its genres (`titled`). Returns
   input_ids and loss_mask (lists of int32 arrays), label (int8 [N]), sample (index in the split
   [N]) and kept (history items in each prompt [N]).
   """
@@ -149,9 +166,9 @@ def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length
   out = {"input_ids": [], "loss_mask": [], "kept": []}
   for i, (user, target, hist) in enumerate(zip(result["user"], result["target"],
                                                result["history"])):
-    pairs = [(dataset.items[item]["title"], rating)
+    pairs = [(titled(dataset.items[item], genres), rating)
              for item, rating in zip(hist, ratings[i]) if item >= 0]
-    title = dataset.items[target]["title"]
+    title = titled(dataset.items[target], genres)
     if item_stats:
       title = f"{title} ({item_stats_lib.phrase(rates[i])})"
     enc = encode_fitted(tokenizer, dataset.users[user], pairs, title, name,

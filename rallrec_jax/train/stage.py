@@ -39,8 +39,8 @@ def scoring_weights(lm, lora_cfg, weights):
   return {"params": jax.tree.map(lambda x: x.astype(dtype), weights)}
 
 
-def build_examples(dataset, tokenizer, split, results, pairs, *, labels, max_length, item_stats,
-                   user_stats, user_lifetime_stats=False):
+def build_examples(dataset, tokenizer, split, results, pairs, *, labels, max_length,
+                   **wording):
   """Examples of (order, sample index) pairs, built per order and put back in pair order."""
   by_order = {}
   for position, (order, sample) in enumerate(pairs):
@@ -50,9 +50,7 @@ def build_examples(dataset, tokenizer, split, results, pairs, *, labels, max_len
   for order, items in by_order.items():
     subset = history.take(results[order], [s for _, s in items])
     built = render.build_examples(dataset, subset, tokenizer, split=split, labels=labels,
-                                  max_length=max_length, order=order, item_stats=item_stats,
-                                  user_stats=user_stats,
-                                  user_lifetime_stats=user_lifetime_stats)
+                                  max_length=max_length, order=order, **wording)
     for j, (position, _) in enumerate(items):
       for key in ("input_ids", "loss_mask", "label", "sample"):
         out[key][position] = built[key][j]
@@ -67,8 +65,7 @@ def eval_examples(cfg, workdir, dataset, lm, split, limit, which):
   pairs = [(cfg.retrieval.order, int(s)) for s in result["sample"][rows]]
   return build_examples(dataset, lm.tokenizer, split, {cfg.retrieval.order: result}, pairs,
                         labels=False, max_length=cfg.finetune.max_length,
-                        item_stats=cfg.finetune.item_stats, user_stats=cfg.finetune.user_stats,
-                        user_lifetime_stats=cfg.finetune.user_lifetime_stats)
+                        **render.wording(cfg.finetune))
 
 
 def finetune(cfg, workdir):
@@ -96,8 +93,7 @@ def finetune(cfg, workdir):
   pairs = sets.training_set(f.variant, pool, results, order=r.order, mixed_size=f.mixed_size)
   examples = build_examples(dataset, lm.tokenizer, "train", results, pairs,
                             labels=f.loss == "lm", max_length=f.max_length,
-                            item_stats=f.item_stats, user_stats=f.user_stats,
-                            user_lifetime_stats=f.user_lifetime_stats)
+                            **render.wording(f))
   valid = eval_examples(cfg, workdir, dataset, lm, "valid", f.eval_samples, f.eval_rows)
   yes, no = lm.yes_no_tokens()
   lora_cfg = lora_config(cfg)
