@@ -87,9 +87,11 @@ def main(argv):
   if not distributed.is_primary():
     return
   print(" ".join(f"{name}={state}" for name, state in status.items()))
-  text = table.results_table(_WORKDIR.value, _CONFIG.value.eval.checkpoint)
+  checkpoint = _CONFIG.value.eval.checkpoint
+  text = table.results_table(_WORKDIR.value, checkpoint)
   if text:
     print(text)
+  print(table.closing_line(_WORKDIR.value, checkpoint))
 
 
 def run():
