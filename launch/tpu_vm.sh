@@ -15,7 +15,8 @@ usage: bash launch/tpu_vm.sh --name NAME --zone ZONE --project PROJECT [options]
 
 Steps, in order (each only when asked for):
   --create           create the TPU VM (needs --type; --version, --spot)
-  -- COMMAND...      copy this checkout (git ls-files plus untracked, non-ignored files) to
+  -- COMMAND...      copy this checkout's tracked files (git ls-files; a warning names the
+                     untracked ones, left out: git add what the run needs) to
                      ~/rallrec_jax on every worker, run `bash launch/setup_host.sh tpu` there,
                      then run COMMAND on every worker with RALLREC_DISTRIBUTED=1 in the
                      checkout's .venv; each worker logs to ~/rallrec_jax/logs/LOG-<host>.log
@@ -96,17 +97,24 @@ gc() {
   if ((dry_run)); then qjoin gcloud "$@"; else gcloud "$@"; fi
 }
 
-# This checkout's tracked and untracked non-ignored files (that still exist) as a tarball.
+# This checkout's tracked files (those that still exist) as a tarball; a warning names the
+# untracked ones, which stay behind.
 pack() {
+  local untracked
+  if git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
+    untracked=$(git -C "$repo" ls-files --others --exclude-standard --directory | tr '\n' ' ')
+    [ -z "$untracked" ] || echo "warning: not copied, as git does not track them (git add" \
+      "what the run needs): ${untracked% }" >&2
+  elif ((!dry_run)); then
+    echo "error: $repo is not a git checkout; cannot list the files to copy" >&2
+    return 1
+  fi
   if ((dry_run)); then
-    echo "# pack: git ls-files --cached --others --exclude-standard in $(q "$repo")" \
-      "-> $(q "$tarball")"
+    echo "# pack: git ls-files in $(q "$repo") -> $(q "$tarball")"
     return
   fi
-  git -C "$repo" rev-parse --git-dir >/dev/null 2>&1 ||
-    { echo "error: $repo is not a git checkout; cannot list the files to copy" >&2; return 1; }
   trap 'rm -f "$tarball"' EXIT
-  (cd "$repo" && git ls-files -z --cached --others --exclude-standard |
+  (cd "$repo" && git ls-files -z |
     while IFS= read -r -d '' f; do if [ -e "$f" ]; then printf '%s\0' "$f"; fi; done |
     tar -czf "$tarball" --null -T -)
 }

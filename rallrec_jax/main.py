@@ -66,6 +66,11 @@ def parse_flags(argv):
           f"rallrec_jax/config.py:base_config")
 
 
+def _preempt(*_):
+  """SIGTERM outside the fine-tune (which saves a checkpoint first): stop where the run is."""
+  raise stage.Preempted("stopped by SIGTERM; rerun the same command to continue")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -76,6 +81,7 @@ def main(argv):
   logging.getLogger("rallrec_jax").setLevel(logging.INFO)
   # transformers warns on import that PyTorch is missing; this JAX pipeline never needs it.
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+  signal.signal(signal.SIGTERM, _preempt)
   try:
     distributed.initialize()
     status = pipeline.run(_CONFIG.value, _WORKDIR.value, stages=_STAGES.value, force=_FORCE.value)
@@ -84,12 +90,15 @@ def main(argv):
   except stage.Preempted as e:
     print(f"preempted: {e}", file=sys.stderr)
     sys.exit(128 + signal.SIGTERM)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the stages are over: nothing left to name
   if not distributed.is_primary():
     return
   print(" ".join(f"{name}={state}" for name, state in status.items()))
-  text = table.results_table(_WORKDIR.value, _CONFIG.value.eval.checkpoint)
+  checkpoint = _CONFIG.value.eval.checkpoint
+  text = table.results_table(_WORKDIR.value, checkpoint)
   if text:
     print(text)
+  print(table.closing_line(_WORKDIR.value, checkpoint))
 
 
 def run():

@@ -27,6 +27,7 @@ from rallrec_jax.cf import stage as cf_stage
 from rallrec_jax.data import stage as data_stage
 from rallrec_jax.eval import stage as eval_stage
 from rallrec_jax.retrieval import stage as retrieval_stage
+from rallrec_jax.stage import Preempted
 from rallrec_jax.text import stage as text_stage
 from rallrec_jax.train import stage as train_stage
 
@@ -260,14 +261,14 @@ def run(cfg, workdir, stages=None, force=False, wait_timeout_s=None):
       distributed.barrier(f"force-{stage.name}")
     if not primary:
       if stage.distributed:
-        stage.run(cfg, workdir)
+        _run_body(stage, cfg, workdir)
       distributed.wait_for(
           lambda s=stage: (read_manifest(workdir, s.name) or {}).get("run") == run_id,
           f"the manifest of stage {stage.name!r} from process 0", wait_timeout_s)
       continue
     log.info("%s: running", stage.name)
     start = time.time()
-    stage.run(cfg, workdir)
+    _run_body(stage, cfg, workdir)
     manifest = dict(expected, outputs=_outputs(stage, workdir),
                     seconds=round(time.time() - start, 3),
                     finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), run=run_id)
@@ -277,6 +278,15 @@ def run(cfg, workdir, stages=None, force=False, wait_timeout_s=None):
       _write_config(cfg, workdir)
       wrote_config = True
   return status
+
+
+def _run_body(stage, cfg, workdir):
+  """stage.run; a stop on SIGTERM within it (Preempted) names the stage, whose manifest is not
+  written."""
+  try:
+    stage.run(cfg, workdir)
+  except Preempted as e:
+    raise Preempted(f"{stage.name} (no manifest written): {e}") from None
 
 
 def _write_config(cfg, workdir):

@@ -3,12 +3,14 @@
   python -m rallrec_jax.report W1 W2 ... [--out DIR] [--baseline W1] [--split test]
       [--checkpoint best]
 
-Each workdir W needs W/config.json and the `evaluate` stage's W/eval/{checkpoint}/{split}.json
-and {split}_predictions.npz beside it. The checkpoint is best unless --checkpoint names another
+Each workdir W needs the `evaluate` stage's W/eval/{checkpoint}/{split}.json and
+{split}_predictions.npz beside it. The checkpoint is best unless --checkpoint names another
 (latest, none, a step or its folder name step-N); a run evaluated on one checkpoint only is
 read from that one. A workdir from before the per-checkpoint folders has the files in W/eval/
 itself, read as the checkpoint they record. Runs are labelled by their folder name and the
-config leaves that differ between the runs given. DIR (default ./report) receives:
+config leaves that differ between the runs given: those its stages ran with, from the config
+subtrees of its manifests W/manifests/{stage}.json (W/config.json only in a workdir without
+manifests). DIR (default ./report) receives:
 
   report.md        one row per run: n, AUC with a 95% bootstrap CI, log loss (also after the
                    validation-fitted temperature, when the run has it), accuracy, the AUC
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from rallrec_jax import atomic
+from rallrec_jax import atomic, pipeline
 from rallrec_jax.eval import baselines, bootstrap, metrics
 from rallrec_jax.eval import results as results_lib
 
@@ -93,8 +95,7 @@ def load_run(workdir, split, checkpoint="best"):
   if not workdir.is_dir():
     raise ReportError(f"{workdir}: no such workdir")
   evaluate = f"run --stages evaluate (with '{split}' in eval.splits)"
-  config = _read_json(workdir / "config.json",
-                      "run the pipeline on it (python -m rallrec_jax.main --workdir ...)")
+  config = run_config(workdir)
   folder = _results_folder(workdir, split, checkpoint)
   summary = _read_json(folder / f"{split}.json", evaluate)
   path = folder / f"{split}_predictions.npz"
@@ -118,8 +119,26 @@ def load_run(workdir, split, checkpoint="best"):
     raise ReportError(f"{path}: {int((~np.isfinite(score)).sum())} scores are not finite")
   if not np.isin(label, (0, 1)).all() or len(np.unique(label)) != 2:
     raise ReportError(f"{path}: AUC needs labels 0 and 1, found {np.unique(label).tolist()}")
-  return Run(workdir, flatten(config), summary, sample.astype(np.int64), label.astype(np.int8),
+  return Run(workdir, config, summary, sample.astype(np.int64), label.astype(np.int8),
              score.astype(np.float64), _load_baselines(folder, split, len(sample)))
+
+
+def run_config(workdir):
+  """The flattened config that a workdir's artifacts were made with: the config subtrees kept
+  in its stages' manifests, stage by stage in run order (a later stage's added), or
+  W/config.json when no stage has a manifest."""
+  manifests = [Path(workdir) / "manifests" / f"{name}.json" for name in pipeline.STAGES]
+  manifests = [path for path in manifests if path.is_file()]
+  if not manifests:
+    return flatten(_read_json(Path(workdir) / "config.json",
+                              "run the pipeline on it (python -m rallrec_jax.main --workdir ...)"))
+  config = {}
+  for path in manifests:
+    manifest = _read_json(path, "rerun its stage")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+      raise ReportError(f"{path}: no config subtrees in it; rerun its stage with --force")
+    config.update(flatten(manifest["config"]))
+  return config
 
 
 BASELINE_KEYS = ("auc", "auc_ci", "logloss", "acc", "n", "auc_diff", "auc_diff_ci")
@@ -371,9 +390,10 @@ def plot_auc_vs_k(runs, rows, split, path):
   """AUC with CI error bars against retrieval.k; runs sharing every other differing key form
   one line."""
   configs = [r.config for r in runs]
-  missing = [str(r.workdir / "config.json") for r in runs if K_KEY not in r.config]
+  missing = [str(r.workdir) for r in runs if K_KEY not in r.config]
   if missing:
-    raise ReportError(f"{missing[0]}: no {K_KEY}")
+    raise ReportError(f"{missing[0]}: its config (from its manifests, else config.json) has no "
+                      f"{K_KEY}")
   others = [k for k in differing_keys(configs) if k != K_KEY]
   groups = {}
   for config, row in zip(configs, rows):

@@ -4,10 +4,13 @@ keeping resumable partial work only for the key it was made under, and the SIGTE
 Each package that owns a stage declares it in its own `stage.py` beside the code it runs;
 `pipeline` orders, fingerprints, skips and runs them.
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +20,25 @@ from rallrec_jax import atomic
 
 
 class Preempted(RuntimeError):
-  """A stage stopped on SIGTERM after saving its state; rerunning the command resumes it."""
+  """The run stopped on SIGTERM (the fine-tune after saving a checkpoint); rerunning the same
+  command continues it."""
+
+
+@contextlib.contextmanager
+def sigterm_deferred():
+  """Within: a SIGTERM waits for the block to end, then meets the handler it would have met
+  (rallrec_jax.main's raises Preempted), so that a checkpoint being written is finished whole."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: received.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    if received:
+      signal.raise_signal(signal.SIGTERM)
 
 
 @dataclasses.dataclass(frozen=True)

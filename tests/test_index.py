@@ -255,6 +255,10 @@ def test_neighbor_recall_counts_misses():
   assert ix.neighbor_recall(index, found) == {"recall@10": 1.0, "queries": 200, "seed": 0}
   found[:, 5:] = -1
   assert ix.neighbor_recall(index, found, queries=50)["recall@10"] == 0.5
+  wide = ix.neighbors(index, 20)
+  wide[:, 10:] = -1
+  assert ix.neighbor_recall(index, wide) == {"recall@10": 1.0, "recall@20": 0.5, "queries": 200,
+                                             "seed": 0}
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +278,7 @@ def test_index_stage_writes_its_recall_against_exact_search(prepared, backend):
   vectors = _clustered(np.random.default_rng(9), num_items, 64, clusters=8)
   np.save(workdir / "embeddings" / "mixed.npy", vectors)
   cfg.index.backend = backend
+  cfg.index.neighbors = 20
   retrieval_stage.index(cfg, workdir)
   k = cfg.index.neighbors
   metrics = json.loads((workdir / "index" / "metrics.json").read_text())
@@ -285,4 +290,6 @@ def test_index_stage_writes_its_recall_against_exact_search(prepared, backend):
   truth, _ = _brute_force(vectors, vectors, k, [[i] for i in range(num_items)])
   assert metrics[f"recall@{k}"] == pytest.approx(_recall(found, truth), abs=1e-4)
   assert metrics[f"recall@{k}"] >= 0.95
+  assert metrics["recall@10"] == pytest.approx(_recall(found[:, :10], truth[:, :10]), abs=1e-4)
+  assert metrics["recall@10"] >= 0.95
   assert (workdir / "index" / "scann").is_dir() == (backend == "scann")

@@ -2,8 +2,10 @@
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 from absl import flags
@@ -114,6 +116,39 @@ def test_tpu_vm_fetches_logs_and_deletes_after_a_failed_run(tmp_path):
   steps = [line.split()[3] for line in calls.read_text().splitlines()]
   assert steps == ["scp", "ssh", "ssh", "scp", "delete"]
   assert not list(tmp_path.glob("*.tar.gz"))
+
+
+def test_tpu_vm_copies_tracked_files_only_and_names_the_untracked(tmp_path):
+  checkout = tmp_path / "checkout"
+  (checkout / "launch").mkdir(parents=True)
+  for name in ("tpu_vm.sh", "common.sh"):
+    shutil.copy(REPO / "launch" / name, checkout / "launch" / name)
+  (checkout / ".gitignore").write_text("*.log\n")
+  (checkout / "tracked.py").write_text("")
+  (checkout / "gone.py").write_text("")
+  git = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t"]
+  for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "files"]):
+    subprocess.run(git + args, check=True, capture_output=True)
+  (checkout / "gone.py").unlink()
+  (checkout / "notes.txt").write_text("")
+  (checkout / "scratch").mkdir()
+  (checkout / "scratch" / "a.py").write_text("")
+  (checkout / "run.log").write_text("")
+  copied = tmp_path / "copied.tar.gz"
+  path = fake_tools(tmp_path, gcloud=f'if [ "$4" = scp ]; then cp "$5" {copied}; fi')
+  args = ["bash", str(checkout / "launch" / "tpu_vm.sh"), "--name", "rr", "--zone", "z",
+          "--project", "p", "--", "python", "-V"]
+  result = run(args, path=path, env={"TMPDIR": str(tmp_path)})
+  assert result.returncode == 0, result.stderr
+  with tarfile.open(copied) as tar:
+    assert sorted(tar.getnames()) == [".gitignore", "launch/common.sh", "launch/tpu_vm.sh",
+                                      "tracked.py"]
+  warning = ("warning: not copied, as git does not track them (git add what the run needs): "
+             "notes.txt scratch/")
+  assert result.stderr.splitlines() == [warning]
+  dry = run(args[:2] + ["--dry-run"] + args[2:], path=path)
+  assert dry.returncode == 0 and dry.stderr.splitlines() == [warning]
+  assert f"# pack: git ls-files in {checkout} -> " in dry.stdout
 
 
 def test_gpu_hosts_dry_run_one_process_per_host():

@@ -1,12 +1,20 @@
 """The stage graph: manifests, skipping up-to-date stages, rerunning changed ones, the CLI."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 from rallrec_jax import config as config_lib
 from rallrec_jax import data, pipeline
+from rallrec_jax import stage as stage_lib
+from rallrec_jax.eval import metrics, results
+from rallrec_jax.eval import table as table_lib
+from rallrec_jax.eval.evaluate import write_eval
 from rallrec_jax.stage import Stage
 from tests.conftest import REPO
 from tests.test_movielens import random_ratings, write_ml1m
@@ -197,7 +205,7 @@ def test_help_lists_the_stages_and_what_they_write():
 def test_cli_runs_and_reports_config_mistakes(tmp_path, folder):
   ok = _cli("--config", f"configs/ml1m.py:path={folder}", "--workdir", str(tmp_path / "w"),
             "--stages", "prepare")
-  assert ok.returncode == 0 and ok.stdout.strip() == "prepare=ran", ok.stderr
+  assert ok.returncode == 0 and ok.stdout.splitlines()[0] == "prepare=ran", ok.stderr
   cases = [
       (["--config", f"configs/ml1m.py:path={folder}", "--config.data.nmae=x"],
        "config key --config.data.nmae: unknown key"),
@@ -253,3 +261,85 @@ def test_config_json_is_written_once_a_stage_has_run(tmp_path, folder):
   written = json.loads((workdir / "config.json").read_text())
   assert written["data"]["min_history"] == 4
   assert pipeline.read_manifest(workdir, "prepare")["config"]["data"] == written["data"]
+
+
+def _fake_eval(workdir, checkpoint, split="test", step=None):
+  """A small evaluation of `checkpoint` on `split`, as the evaluate stage writes it."""
+  labels = np.array([0, 1, 0, 1], np.int8)
+  scores = np.array([0.2, 0.7, 0.4, 0.6], np.float32)
+  summary = {**metrics.all_metrics(labels, scores), "checkpoint": checkpoint, "step": step}
+  write_eval(results.results_dir(workdir, checkpoint), split, summary, np.arange(4), labels,
+             scores)
+
+
+def test_a_run_ends_saying_where_its_results_are_and_how_to_report_them(tmp_path):
+  workdir = tmp_path / "w"
+  args = ("--config", "configs/quickstart.py:runlocal=true", "--workdir", str(workdir),
+          "--stages", "prepare")
+  out = _cli(*args)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.splitlines() == [
+      "prepare=ran", f"results: no evaluation of eval.checkpoint=best in {workdir} yet "
+      "(run --stages evaluate)"]
+  _fake_eval(workdir, "best", step=7)
+  _fake_eval(workdir, "none")
+  out = _cli(*args, "--config.eval.checkpoint=none")
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert lines[0] == "prepare=skipped" and lines[-2].endswith("none (zero-shot)")
+  assert lines[-1] == (f"results: {workdir}/eval/none/ ; report: rallrec-report {workdir} "
+                       "--checkpoint none")
+  assert table_lib.closing_line(workdir) == (
+      f"results: {workdir}/eval/best/ ; report: rallrec-report {workdir}")
+  assert table_lib.closing_line(workdir, "latest").startswith(
+      "results: no evaluation of eval.checkpoint=latest in ")
+  only_valid = tmp_path / "v"
+  _fake_eval(only_valid, "16", split="valid", step=16)
+  assert table_lib.closing_line(only_valid) == (
+      f"results: {only_valid}/eval/step-16/ ; report: rallrec-report {only_valid} --split valid")
+
+
+def test_sigterm_outside_the_fine_tune_names_the_stage_it_stopped(tmp_path):
+  workdir = tmp_path / "w"
+  log = tmp_path / "stderr"
+  with log.open("w") as err:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rallrec_jax.main", "--config",
+         "configs/quickstart.py:runlocal=true", "--workdir", str(workdir), "--stages",
+         "prepare,cf", "--config.cf.epochs=100000"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+  try:
+    deadline = time.monotonic() + 120
+    while "lightgcn: epoch=2 " not in log.read_text():
+      assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM, log.read_text()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  text = log.read_text()
+  said = [line for line in text.splitlines() if line.startswith("preempted:")]
+  assert said == ["preempted: cf (no manifest written): stopped by SIGTERM; rerun the same "
+                  "command to continue"]
+  assert "Traceback" not in text
+  assert pipeline.read_manifest(workdir, "prepare") is not None
+  assert pipeline.read_manifest(workdir, "cf") is None
+
+
+def test_a_sigterm_within_a_deferred_block_meets_its_handler_at_the_end():
+  def stop(*_):
+    raise stage_lib.Preempted("stopped by SIGTERM")
+
+  previous = signal.signal(signal.SIGTERM, stop)
+  finished = []
+  try:
+    with pytest.raises(stage_lib.Preempted, match="stopped by SIGTERM"):
+      with stage_lib.sigterm_deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        finished.append(True)
+    assert finished and signal.getsignal(signal.SIGTERM) is stop
+  finally:
+    signal.signal(signal.SIGTERM, previous)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rallrec_jax import config as config_lib
-from rallrec_jax import report
+from rallrec_jax import pipeline, report
 from rallrec_jax.eval import baselines, bootstrap, metrics
 from rallrec_jax.eval import results as results_lib
 from rallrec_jax.eval.evaluate import write_eval
@@ -133,6 +133,35 @@ def test_labels_name_only_differing_keys():
   assert report.run_labels(["x/a", "y/b"], [base, other]) == [
       "a: mix.variant=mix3, retrieval.k=30", "b: mix.variant=cf, retrieval.k=20"]
   assert report.run_labels(["x/a", "y/a"], [base, base]) == ["x/a", "y/a"]
+
+
+def write_manifests(folder, overrides, stages=("prepare", "mix", "retrieve", "evaluate")):
+  """W/manifests/{stage}.json holding the config subtrees each stage keeps, as they run."""
+  cfg = config_lib.apply_overrides(config_lib.base_config(), overrides)
+  (folder / "manifests").mkdir(exist_ok=True)
+  for name in stages:
+    kept = {k: config_lib.result_config(cfg, k) for k in pipeline.STAGES[name].config_keys}
+    (folder / "manifests" / f"{name}.json").write_text(json.dumps({"stage": name,
+                                                                   "config": kept}))
+
+
+def test_runs_are_labelled_by_the_config_their_manifests_kept(tmp_path):
+  labels, scores = fake_scores(300, 1.0, seed=15)
+  a, b, c = (make_run(tmp_path / name, labels, scores, k=10) for name in "abc")
+  write_manifests(a, {"retrieval.k": 10})
+  # b's config.json is that of a later rerun that failed; its evaluation ran with k=20 and the
+  # cf vectors, and a retrieve rerun since (k=15) leaves the evaluate manifest as it was.
+  write_manifests(b, {"retrieval.k": 20, "mix.variant": "cf"})
+  write_manifests(b, {"retrieval.k": 15}, stages=("retrieve",))
+  runs = [report.load_run(w, "test") for w in (a, b, c)]
+  assert report.run_labels([a, b], [r.config for r in runs[:2]]) == [
+      "a: mix.variant=mix3, retrieval.k=10", "b: mix.variant=cf, retrieval.k=20"]
+  assert {"data.max_history", "finetune.lr", "eval.checkpoint"} <= set(runs[1].config)
+  assert "align.epochs" not in runs[1].config  # no align manifest
+  assert runs[2].config == report.flatten(json.loads((c / "config.json").read_text()))
+  (b / "manifests" / "mix.json").write_text("[]")
+  with pytest.raises(report.ReportError, match=r"b/manifests/mix\.json: no config subtrees"):
+    report.load_run(b, "test")
 
 
 def test_report_table_plots_and_stdout(tmp_path, capsys):

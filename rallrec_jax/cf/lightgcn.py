@@ -29,7 +29,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from rallrec_jax import progress
+from rallrec_jax import progress, stage
 
 EDGE_CHUNK = 16384   # edges per scatter-add; keeps the [chunk, dim] temporary in cache
 INIT_STD = 0.1
@@ -298,8 +298,10 @@ def _restore(manager, state):
 
 
 def _save(manager, epoch, state, history):
-  manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                              history=ocp.args.JsonSave(history)))
+  # orbax finishes a save in threads of its own, which an exit midway would cut off.
+  with stage.sigterm_deferred():
+    manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                history=ocp.args.JsonSave(history)))
 
 
 def _run_epoch(step, state, graph, positives, batch_size, rng, bar):

@@ -1,5 +1,7 @@
-"""The results table that a run prints: a checkpoint's rows per split, its baselines below."""
+"""What a run prints at its end: the results table of a checkpoint's rows per split with its
+baselines below, and a closing line saying where the results are and how to report them."""
 import json
+import shlex
 
 from rallrec_jax.eval import baselines, metrics, results
 
@@ -29,6 +31,23 @@ def results_table(workdir, checkpoint="best"):
           f"{last}" for label, m, last in lines]
   header = f"{'split':<{width}} AUC     LogLoss  calibrated  ACC     n       checkpoint"
   return "\n".join([header] + rows)
+
+
+def closing_line(workdir, checkpoint="best"):
+  """Where the evaluation that `results_table` shows lies and the command that reports it, or
+  that the workdir holds none of `checkpoint` yet."""
+  stored = results.stored_results(workdir)
+  name = results.choose(stored, checkpoint)
+  if name is None:
+    return (f"results: no evaluation of eval.checkpoint={checkpoint} in {workdir} yet "
+            "(run --stages evaluate)")
+  folder = next(iter(stored[name].values())).parent
+  command = ["rallrec-report", str(workdir)]
+  if results.choose(stored) != name:
+    command += ["--checkpoint", name]
+  if "test" not in stored[name]:
+    command += ["--split", min(stored[name])]
+  return f"results: {folder}/ ; report: {shlex.join(command)}"
 
 
 def _baseline_lines(table):

@@ -34,6 +34,7 @@ SCANN_MIN_ITEMS = 5000     # "auto" searches smaller catalogues exactly (see `re
 MIN_SCANNED = 2000         # automatic num_leaves_to_search scans about this many items at least
 REORDER_PER_RESULT = 10    # coarse candidates rescored per result asked for, at least
 RECALL_QUERIES = 1000      # items whose neighbours `neighbor_recall` checks against exact search
+RECALL_AT = (10,)          # recall@k that `neighbor_recall` also gives, for k under the width
 META_FILE = "index.json"
 FORMAT_VERSION = 1
 SCANN_VECTORS = "dataset.npy"  # the float vectors ScaNN keeps for reordering
@@ -520,15 +521,17 @@ def recall_at_k(found, truth):
 
 
 def neighbor_recall(index, found, queries=RECALL_QUERIES, seed=0):
-  """recall@k of `found` ([N, k], as `neighbors` returns) against exact search.
+  """recall@k of `found` ([N, k], best first, as `neighbors` returns) against exact search, and
+  recall@j of its first j columns for each j of RECALL_AT below k.
 
   Checked on `queries` items drawn with `seed` (every item if there are fewer); an exact index
-  is its own ground truth. Returns {"recall@k", "queries", "seed"}.
+  is its own ground truth. Returns {"recall@j", ..., "recall@k", "queries", "seed"}.
   """
   n, k = found.shape
   rows = np.sort(np.random.default_rng(seed).choice(n, min(queries, n), replace=False))
   exact = index if isinstance(index, ExactIndex) else ExactIndex(index.vectors, normalize=False)
   itself = Csr(np.arange(len(rows) + 1, dtype=np.int64), rows.astype(np.int64))
   truth = exact.search(exact.vectors[rows], k, exclude=itself)[0]
-  return {f"recall@{k}": round(recall_at_k(found[rows], truth), 4), "queries": len(rows),
-          "seed": seed}
+  widths = sorted({j for j in RECALL_AT if j < k} | {k})
+  recall = {f"recall@{j}": round(recall_at_k(found[rows, :j], truth[:, :j]), 4) for j in widths}
+  return {**recall, "queries": len(rows), "seed": seed}

@@ -14,9 +14,9 @@ log = logging.getLogger("rallrec_jax")
 
 
 def index(cfg, workdir):
-  """index/: the nearest-neighbour index of the mixed vectors, each item's neighbours with
-  their recall against exact search (metrics.json), and candidate generation for every user
-  evaluated on the test period."""
+  """index/: the nearest-neighbour index of the mixed vectors, each item's M neighbours with
+  their recall@M and recall@10 against exact search (metrics.json), and candidate generation
+  for every user evaluated on the test period."""
   workdir = Path(workdir)
   dataset = data.load_dataset(workdir)
   vectors = np.load(workdir / "embeddings" / "mixed.npy")
@@ -45,9 +45,11 @@ def index(cfg, workdir):
     stage.save_json(tmp / "metrics.json", quality)
     stage.save_json(tmp / "recommend.json", {f"recall@{n}": recall, f"ndcg@{n}": ndcg,
                                              "backend": built.backend, "users": dataset.num_users})
-  log.info("index: %s over %s; neighbour recall@%d %.4f against exact search on %d items; "
-           "test recall@%d %.4f ndcg@%d %.4f", built.backend, vectors.shape, k,
-           quality[f"recall@{k}"], quality["queries"], n, recall, n, ndcg)
+  said = ", ".join(f"{key} {value:.4f}" for key, value in quality.items()
+                   if key.startswith("recall@"))
+  log.info("index: %s over %s; neighbour %s against exact search on %d items; "
+           "test recall@%d %.4f ndcg@%d %.4f", built.backend, vectors.shape, said,
+           quality["queries"], n, recall, n, ndcg)
 
 
 def retrieve(cfg, workdir):
@@ -70,10 +72,10 @@ def retrieve(cfg, workdir):
 INDEX = Stage(
     name="index",
     help="nearest-neighbour index of the mixed vectors (index.backend auto: exact search below "
-         "5,000 items, ScaNN above), top-M neighbours per item and their recall "
-         "against exact search, candidate generation evaluated on the test period: writes "
-         "index/ (scann/, neighbors.npy, metrics.json, recommend.json)",
-    run=index, config_keys=("index",), deps=("prepare", "mix"), outputs=("index",))
+         "5,000 items, ScaNN above), top-M neighbours per item and their recall@M and "
+         "recall@10 against exact search, candidate generation evaluated on the test period: "
+         "writes index/ (scann/, neighbors.npy, metrics.json, recommend.json)",
+    run=index, config_keys=("index",), deps=("prepare", "mix"), outputs=("index",), version=2)
 RETRIEVE = Stage(
     name="retrieve",
     help="for every sample, the K history items of its prompt (retrieval.order, default the "

@@ -122,7 +122,7 @@ def finetune(cfg, workdir):
                      metrics_path=workdir / "metrics.jsonl" if primary else None)
   summary = {k: v for k, v in summary.items() if k != "weights"}
   if summary["status"] == "preempted":
-    raise stage.Preempted(f"finetune: SIGTERM at step {summary['step']}; checkpoint saved in "
+    raise stage.Preempted(f"stopped by SIGTERM at step {summary['step']}, checkpoint saved in "
                           f"{workdir / 'checkpoints'}; rerun the same command to resume")
   if primary:
     stage.save_json(workdir / "finetune.json", {**summary, "examples": len(pairs),
