@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rallrec_jax.llm import lora, score
+from rallrec_jax.llm import lora, losses, score
 from rallrec_jax.llm.config import LMConfig
 from rallrec_jax.llm.model import Decoder
 
@@ -64,7 +64,7 @@ def test_lora_gradients_match_xla_and_are_finite_with_padding(params):
 
     def loss(a, cfg=cfg):
       hidden, _ = lora.apply(cfg, params, a, lora_cfg, ids, mask, method=Decoder.hidden)
-      return lora.hidden_next_token_loss(hidden, lora.output_matrix(cfg, params), ids, mask)
+      return losses.hidden_next_token_loss(hidden, losses.output_matrix(cfg, params), ids, mask)
 
     value, grad = jax.jit(jax.value_and_grad(loss))(adapters)
     grads[impl] = (float(value), np.concatenate([np.ravel(np.asarray(g, np.float32))

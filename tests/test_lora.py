@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from rallrec_jax import parallel
-from rallrec_jax.llm import hf_io, lora
+from rallrec_jax.llm import hf_io, lora, losses
 from rallrec_jax.llm.config import CheckpointError, LMConfig
 from rallrec_jax.llm.model import Decoder
 from rallrec_jax.train import step as step_lib
@@ -224,10 +224,10 @@ def test_chunked_loss_matches_full_logits(chunk_tokens):
   loss_mask = jnp.asarray(rng.integers(0, 2, (3, 11)), jnp.int32)
 
   def full(h):
-    return lora.next_token_loss(jnp.einsum("bte,ve->btv", h, head), ids, loss_mask)
+    return losses.next_token_loss(jnp.einsum("bte,ve->btv", h, head), ids, loss_mask)
 
   def chunked(h):
-    return lora.hidden_next_token_loss(h, head, ids, loss_mask, chunk_tokens)
+    return losses.hidden_next_token_loss(h, head, ids, loss_mask, chunk_tokens)
 
   np.testing.assert_allclose(chunked(hidden), full(hidden), rtol=1e-6)
   np.testing.assert_allclose(jax.grad(chunked)(hidden), jax.grad(full)(hidden), atol=1e-6)

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from rallrec_jax.llm import hf_io, lora
+from rallrec_jax.llm import hf_io, lora, losses
 from rallrec_jax.llm.api import LM
 from rallrec_jax.llm.config import LMConfig
 from rallrec_jax.train import loop, step as step_lib
@@ -85,7 +85,7 @@ def test_lm_loss_reports_the_decision_loss_before_the_answer(tiny):
 
 def test_decision_position():
   loss_mask = jnp.asarray([[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]])
-  np.testing.assert_array_equal(step_lib.decision_position(loss_mask), [3, 1, 2])
+  np.testing.assert_array_equal(losses.decision_position(loss_mask), [3, 1, 2])
 
 
 def test_full_fine_tuning_trains_every_weight_and_lowers_the_loss(tiny):

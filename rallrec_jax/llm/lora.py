@@ -18,7 +18,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from rallrec_jax import atomic, parallel
 from rallrec_jax.llm import hf_io, safetensors_io
@@ -31,7 +30,6 @@ IN_NDIM = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
 # Tokens per chunk of the training loss's vocabulary projection.
-CHUNK_TOKENS = 512
 # The LMConfig fields that fix the adapters' shapes, stored beside them.
 BASE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
                "num_heads", "num_kv_heads", "head_dim", "tie_word_embeddings", "qkv_bias")
@@ -241,82 +239,3 @@ def _check(file, expected, lora_cfg):
     if tuple(file.shape(name)) != tuple(shape):
       raise CheckpointError(f"{file.path}: tensor {name!r} has shape {tuple(file.shape(name))}, "
                             f"rank {lora_cfg.rank} on this base model needs {tuple(shape)}")
-
-
-def next_token_loss(logits, input_ids, loss_mask):
-  """Mean cross-entropy of logits at t predicting ids at t+1, over targets where loss_mask is 1.
-
-  `loss_mask` is aligned with `input_ids`: it marks the tokens to be predicted (like Hugging
-  Face labels that are not -100), so position 0 is never a target.
-  """
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], input_ids[:, 1:])
-  weights = loss_mask[:, 1:].astype(jnp.float32)
-  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def output_matrix(cfg, params):
-  """The vocabulary projection as [vocab, embed] (the tied embedding or lm_head's kernel)."""
-  if cfg.tie_word_embeddings:
-    return params["embed_tokens"]["embedding"]
-  return params["lm_head"]["kernel"].T
-
-
-def hidden_next_token_loss(hidden, head, input_ids, loss_mask, chunk_tokens=CHUNK_TOKENS):
-  """`next_token_loss` of logits = hidden @ head.T, never holding all [B, T, vocab] logits.
-
-  The sequence is cut into chunks of about `chunk_tokens` tokens (the batch axis, which may be
-  sharded, stays whole); each chunk's logits live only inside one scan step. The gradient with
-  respect to `hidden` is computed in the same pass, so nothing is recomputed backwards; `head`
-  is treated as frozen (it gets no gradient), as it is under LoRA.
-  """
-  b, t = input_ids.shape
-  targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
-  weights = jnp.pad(loss_mask[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
-  size = max(1, min(t, chunk_tokens // b))
-  pad = -t % size
-  total = _chunked_ce(*(_chunks(jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)), size)
-                        for x in (hidden, targets, weights)), head)
-  return total / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def _chunks(x, size):
-  """[B, T, ...] -> [T / size, B, size, ...], the scan axis first."""
-  b, t = x.shape[:2]
-  return jnp.moveaxis(x.reshape(b, t // size, size, *x.shape[2:]), 1, 0)
-
-
-def _ce_chunk(h, head, targets, weights):
-  """(logits [B, C, vocab] float32, logsumexp, weighted cross-entropy sum) of one chunk."""
-  logits = jnp.einsum("bce,ve->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return logits, lse, jnp.sum((lse - picked) * weights)
-
-
-@jax.custom_vjp
-def _chunked_ce(hidden, targets, weights, head):
-  """Sum of weighted cross-entropies over chunked [N, B, C, ...] inputs."""
-  def body(total, xs):
-    return total + _ce_chunk(xs[0], head, xs[1], xs[2])[2], None
-  return jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, weights))[0]
-
-
-def _chunked_ce_fwd(hidden, targets, weights, head):
-  def body(total, xs):
-    h, t, w = xs
-    logits, lse, loss = _ce_chunk(h, head, t, w)
-    probs = jnp.exp(logits - lse[..., None])
-    dlogits = (probs - jax.nn.one_hot(t, head.shape[0], dtype=jnp.float32)) * w[..., None]
-    dh = jnp.einsum("bcv,ve->bce", dlogits.astype(h.dtype), head.astype(h.dtype),
-                    preferred_element_type=jnp.float32)
-    return total + loss, dh.astype(h.dtype)
-  total, dh = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, weights))
-  return total, dh
-
-
-def _chunked_ce_bwd(dh, g):
-  # The head is frozen and targets and weights are data: only `hidden` gets a cotangent.
-  return (g * dh).astype(dh.dtype), None, None, None
-
-
-_chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)

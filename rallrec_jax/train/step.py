@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from rallrec_jax import config as config_lib, parallel
-from rallrec_jax.llm import lora
+from rallrec_jax.llm import lora, losses
 from rallrec_jax.llm.model import Decoder
 
 
@@ -60,27 +60,11 @@ def _on_mesh(x, mesh):
   return parallel.replicate(x, mesh)
 
 
-def answer_loss(hidden_at, rows, labels):
-  """Mean two-way cross-entropy of the (yes, no) logits of hidden states [B, E]; label 1 = yes."""
-  logits = jnp.einsum("be,ne->bn", hidden_at.astype(jnp.float32), rows.astype(jnp.float32))
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-      logits, 1 - labels.astype(jnp.int32)))
-
-
-def decision_position(loss_mask):
-  """Per row, the position whose next-token logits decide the answer: the last position of a
-  prompt-only row, else the one before the first answer token."""
-  t = loss_mask.shape[1]
-  has_answer = jnp.any(loss_mask > 0, axis=1)
-  first = jnp.argmax(loss_mask > 0, axis=1)
-  return jnp.where(has_answer, first - 1, t - 1)
-
-
 def make_train_step(cfg, lora_cfg, optimizer, loss="lm", answer_ids=None):
   """A jitted `step(state, params, batch) -> (state, metrics)`.
 
   `state` comes from `init_train_state`; `batch` holds [B, T] "input_ids", "attention_mask",
-  "loss_mask" (the tokens to predict, see `lora.next_token_loss`) and [B] "label". The base
+  "loss_mask" (the tokens to predict, see `losses.next_token_loss`) and [B] "label". The base
   params are an argument (not a baked-in constant), so one compiled step serves any weights of
   this shape; under full fine-tuning they are not read. `answer_ids` are the (yes, no) token
   ids; without them the decision loss is not computed and `loss` must be "lm". The state is
@@ -106,17 +90,17 @@ def make_train_step(cfg, lora_cfg, optimizer, loss="lm", answer_ids=None):
     metrics = {}
     if answer is not None:
       rows = model.apply({"params": head_params}, answer, method=Decoder.answer_rows)
-      at = decision_position(batch["loss_mask"])
+      at = losses.decision_position(batch["loss_mask"])
       hidden_at = jnp.take_along_axis(hidden, at[:, None, None], axis=1)[:, 0]
-      metrics["answer_loss"] = answer_loss(hidden_at, rows, batch["label"])
+      metrics["answer_loss"] = losses.answer_loss(hidden_at, rows, batch["label"])
     if loss == "answer":
       return metrics["answer_loss"], metrics
     if lora_cfg is None:  # the output projection is trained too: plain logits
       logits = model.apply({"params": weights}, hidden, method=Decoder.project)
-      value = lora.next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
+      value = losses.next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
     else:
-      value = lora.hidden_next_token_loss(hidden, lora.output_matrix(cfg, params),
-                                          batch["input_ids"], batch["loss_mask"])
+      value = losses.hidden_next_token_loss(hidden, losses.output_matrix(cfg, params),
+                                            batch["input_ids"], batch["loss_mask"])
     return value, metrics
 
   def step(state, params, batch):
