@@ -198,6 +198,8 @@ def test_lifetime_counts_and_baselines_match_loops(dataset):
   got = baselines.scores(fitted, dataset, "test", result, samples)
   assert set(got) - set(without) == {"user_lifetime_like_rate", "user_lifetime_mean_rating",
                                       "logistic_regression_all"}
+  assert list(without) == baselines.names()
+  assert sorted(got) == sorted(baselines.names(("user_lifetime_stats",)))
   for name in without:  # the three-feature rows do not change
     np.testing.assert_array_equal(got[name], without[name])
   np.testing.assert_allclose(got["user_lifetime_like_rate"], expected[:, 1] / expected[:, 0],
@@ -226,6 +228,7 @@ def test_genre_baseline_reads_the_shown_items_sharing_a_genre_with_the_target(da
   result = random_retrieval(dataset, "test", seed=1)
   samples = np.arange(len(result["sample"]))
   got = baselines.scores(fitted, dataset, "test", result, samples)
+  assert sorted(got) == sorted(baselines.names(("genres", "user_lifetime_stats")))
   items, t, split = dataset.items, dataset.timelines, dataset.splits["test"]
   expected = []
   for r in samples:

@@ -81,7 +81,7 @@ def check_baselines(workdir, checkpoint):
   for split in ("valid", "test"):
     llm = json.loads((results / f"{split}.json").read_text())
     found = json.loads((results / f"{split}_baselines.json").read_text())
-    assert sorted(found) == sorted(baselines.TITLES)
+    assert sorted(found) == sorted(baselines.names())
     assert all(b["n"] == llm["n"] for b in found.values())
     predictions = np.load(results / f"{split}_predictions.npz")
     rates = loop_item_rates(ds, ds.splits[split].target[predictions["sample"]])

@@ -55,6 +55,16 @@ PROBABILITIES = ("item_like_rate", "user_like_rate", "logistic_regression",
 EXTRA = {"user_lifetime_stats": ("user_lifetime_like_rate", "user_lifetime_mean_rating"),
          "genres": ("user_genre_mean_rating",)}
 SUFFIX = results.BASELINES_SUFFIX  # eval/{checkpoint}/{split}_baselines.json
+_EXTRA_ONLY = {n for ns in EXTRA.values() for n in ns} | {"logistic_regression_all"}
+
+
+
+def names(extra=()):
+  """The baselines a run scores whose wording keys `extra` are on, in `TITLES`' order."""
+  more = {name for key in extra for name in EXTRA.get(key, ())}
+  if more:
+    more.add("logistic_regression_all")
+  return [name for name in TITLES if name not in _EXTRA_ONLY or name in more]
 
 
 @dataclasses.dataclass
