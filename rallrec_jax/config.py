@@ -10,7 +10,9 @@ from pathlib import Path
 
 import ml_collections
 
+from rallrec_jax import parallel
 from rallrec_jax.eval import results as results_lib
+from rallrec_jax.llm import model
 
 DATASETS = ("synthetic", "ml100k", "ml1m", "bookcrossing", "amazon_movies")
 SOURCES = ("files", "tfds")
@@ -28,8 +30,8 @@ EVAL_ROWS = ("first", "spread")
 # Keys that decide how a stage runs, not what it computes. Stage fingerprints and resume keys
 # leave them out, so another mesh, remat policy, attention kernel or inference batch size
 # neither reruns a finished stage nor throws away a stage's partial work.
-EXECUTION_KEYS = ("model.mesh", "model.remat", "model.attention", "retrieval.batch_size",
-                  "eval.batch_size")
+EXECUTION_KEYS = ("model.mesh", "model.rules", "model.remat", "model.attention",
+                  "retrieval.batch_size", "eval.batch_size")
 
 # Keys added with a default other than what the code did before they existed: a manifest
 # written before them reads as this value, not as today's default.
@@ -75,6 +77,12 @@ def base_config():
   m.remat = "none"            # none | full | dots
   m.attention = ""            # xla | cudnn (flash); "": cudnn for 16-bit prefill on NVIDIA GPUs
   m.mesh = (("data", -1),)    # (axis, size) pairs over data / fsdp / tensor, one -1
+  # Logical axis -> the mesh axes that shard it ("data,fsdp", "tensor", "" = replicated).
+  # Params shard over fsdp (embed) and tensor (heads, mlp, vocab); activations their batch
+  # over data and fsdp. One mesh axis may shard at most one dimension of any param.
+  m.rules = ml_collections.ConfigDict(
+      {logical: ",".join(axes) if isinstance(axes, tuple) else axes or ""
+       for logical, axes in parallel.DEFAULT_RULES})
   m.tiny = ml_collections.ConfigDict(dict(
       hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=0,
       init_std=0.02))
@@ -359,9 +367,16 @@ def _validate_model(m):
          f"{m.remat!r} is not one of none, full, dots")
   _check(m.attention in ("", "xla", "cudnn"), "model.attention",
          f"{m.attention!r} is not one of '' (automatic), xla, cudnn")
-  axes = [a for a, _ in m.mesh]
-  _check(all(a in ("data", "fsdp", "tensor") for a in axes) and len(set(axes)) == len(axes),
-         "model.mesh", f"axes {axes} must be distinct names among data, fsdp, tensor")
-  sizes = [s for _, s in m.mesh]
-  _check(sizes.count(-1) <= 1 and all(s == -1 or s > 0 for s in sizes), "model.mesh",
-         f"sizes {sizes} must be positive, with at most one -1")
+  try:
+    parallel.check_mesh_shape([tuple(x) for x in m.mesh])
+  except ValueError as e:
+    raise _error("model.mesh", str(e)) from None
+  try:
+    parallel.check_rules(model_rules(m), model.PARAM_AXES)
+  except ValueError as e:
+    raise _error("model.rules", str(e)) from None
+
+
+def model_rules(m):
+  """The logical-axis rules of the `model` block's `rules` table."""
+  return parallel.rules_from_table(m.rules.to_dict())

@@ -30,16 +30,61 @@ DEFAULT_RULES = (
 )
 
 
+def check_mesh_shape(shape):
+  """ValueError unless [(axis, size), ...] names distinct MESH_AXES with positive sizes, at most
+  one of them -1."""
+  names = [a for a, _ in shape]
+  sizes = [s for _, s in shape]
+  if any(a not in MESH_AXES for a in names) or len(set(names)) != len(names):
+    raise ValueError(f"mesh axes {names}: each must be one of {MESH_AXES}, at most once")
+  if sizes.count(-1) > 1 or any(not isinstance(s, int) or s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes {sizes}: positive integers, with at most one -1")
+
+
+def rules_from_table(table):
+  """Rules from {logical axis: "data,fsdp" | "tensor" | "" (replicated)}, one rule per axis,
+  in DEFAULT_RULES' order (the first rule that claims a mesh axis in an array keeps it: batch).
+
+  ValueError naming the logical axis when a value names an axis outside MESH_AXES.
+  """
+  order = [logical for logical, _ in DEFAULT_RULES]
+  rules = []
+  for logical, value in sorted(table.items(), key=lambda kv: (
+      order.index(kv[0]) if kv[0] in order else len(order), kv[0])):
+    axes = tuple(a.strip() for a in str(value or "").split(",") if a.strip())
+    unknown = [a for a in axes if a not in MESH_AXES]
+    if unknown or len(set(axes)) != len(axes):
+      raise ValueError(f"{logical}={value!r}: a comma-separated list of distinct mesh axes "
+                       f"among {MESH_AXES}, or '' for replicated")
+    rules.append((logical, None if not axes else axes[0] if len(axes) == 1 else axes))
+  return tuple(rules)
+
+
+def check_rules(rules, arrays):
+  """ValueError when one mesh axis would shard two dimensions of one array.
+
+  `arrays` lists logical axis tuples (the model's params); a logical axis without a rule is
+  replicated. The message names both logical axes.
+  """
+  table = dict(rules)
+  for names in arrays:
+    owner = {}
+    for name in names:
+      axes = table.get(name)
+      for axis in (axes,) if isinstance(axes, str) else axes or ():
+        if axis in owner:
+          raise ValueError(f"{owner[axis]!r} and {name!r} both map to mesh axis {axis!r}, "
+                           f"but they are dimensions of one array {tuple(names)}")
+        owner[axis] = name
+
+
 def make_mesh(shape=(("data", -1),), devices=None):
   """A Mesh with Auto axis types from [(axis, size), ...]; one size may be -1."""
   devices = list(jax.devices() if devices is None else devices)
+  shape = [(a, int(s)) for a, s in shape]
+  check_mesh_shape(shape)
   names = [a for a, _ in shape]
-  sizes = [int(s) for _, s in shape]
-  unknown = [a for a in names if a not in MESH_AXES]
-  if unknown or len(set(names)) != len(names):
-    raise ValueError(f"mesh axes {names}: each must be one of {MESH_AXES}, at most once")
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh sizes {sizes}: positive, with at most one -1")
+  sizes = [s for _, s in shape]
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:

@@ -3,7 +3,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from rallrec_jax import atomic, distributed, parallel
+from rallrec_jax import atomic, config as config_lib, distributed, parallel
 from rallrec_jax.llm import load_pretrained, tiny
 from rallrec_jax.prompts import item_stats, render
 from rallrec_jax.text import templates
@@ -80,4 +80,4 @@ def load_model(cfg, workdir, dataset):
     distributed.wait_for((path / "key").is_file, f"process 0 to build {path}")
   mesh = parallel.make_mesh(tuple(tuple(x) for x in m.mesh))
   return load_pretrained(path, dtype=m.dtype, param_dtype=m.param_dtype or None, mesh=mesh,
-                         remat=m.remat, attention=m.attention)
+                         rules=config_lib.model_rules(m), remat=m.remat, attention=m.attention)

@@ -1,9 +1,13 @@
 """Configs: arg parsing, overrides, and validation errors that name the key."""
 import importlib.util
 
+import flax.linen as nn
+import jax
 import pytest
 
-from rallrec_jax import config as config_lib
+from rallrec_jax import config as config_lib, parallel
+from rallrec_jax.llm import hf_io, model
+from rallrec_jax.llm.config import LMConfig
 from tests.conftest import REPO
 
 CONFIGS = ("quickstart", "ml100k", "ml1m", "bookcrossing", "amazon_movies")
@@ -84,8 +88,14 @@ def test_overrides_set_leaves_and_reject_unknown_keys():
     ("retrieval.half_life", 0.0, "retrieval.half_life: must be > 0"),
     ("model.path", "/nowhere", "model.path: /nowhere is not a Hugging Face model folder"),
     ("model.dtype", "float8", "model.dtype"),
-    ("model.mesh", (("data", -1), ("model", 2)), "model.mesh: axes"),
-    ("model.mesh", (("data", -1), ("tensor", -1)), "model.mesh: sizes"),
+    ("model.mesh", (("data", -1), ("model", 2)), "model.mesh: mesh axes"),
+    ("model.mesh", (("data", -1), ("tensor", -1)), "model.mesh: mesh sizes"),
+    ("model.rules.embed", "tensor",
+     "model.rules: 'vocab' and 'embed' both map to mesh axis 'tensor'.*\\('vocab', 'embed'\\)"),
+    ("model.rules.mlp", "fsdp",
+     "model.rules: 'embed' and 'mlp' both map to mesh axis 'fsdp'"),
+    ("model.rules.heads", "model", "model.rules: heads='model': a comma-separated list"),
+    ("model.rules.mlp", "tensor,tensor", "model.rules: mlp='tensor,tensor'"),
     ("embed.source", "title", "embed.source"),
     ("embed.pool", "last", "embed.pool: 'last' is not one of"),
     ("mix.variant", "mix4", "mix.variant"),
@@ -144,3 +154,29 @@ def test_ml100k_cpu_recipe_sets_the_measured_fine_tune_and_validates(tmp_path):
   assert cpu.data.to_dict() == paper.data.to_dict()
   with pytest.raises(config_lib.ConfigError, match="recipe.*'gpu' is not one of"):
     load_config("ml100k", "path=/x,recipe=gpu")
+
+
+def test_model_rules_default_to_the_table_and_cover_every_array_of_the_model():
+  cfg = config_lib.base_config()
+  assert config_lib.model_rules(cfg.model) == parallel.DEFAULT_RULES
+  # Every param's logical axes (bias and untied head included) are among model.PARAM_AXES,
+  # which the rules are checked against.
+  lm_cfg = LMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+                    num_heads=2, num_kv_heads=1, head_dim=8, qkv_bias=True)
+  names = {tuple(leaf.names) for leaf in jax.tree.leaves(
+      hf_io.abstract_params(lm_cfg), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))}
+  assert names <= set(model.PARAM_AXES)
+  assert config_lib.EXECUTION_KEYS.count("model.rules") == 1
+
+
+def test_model_rules_reach_the_param_shardings():
+  cfg = config_lib.apply_overrides(config_lib.base_config(), {"model.rules.embed": ""})
+  config_lib.validate(cfg)
+  mesh = parallel.make_mesh((("fsdp", 2), ("tensor", 2)), jax.devices()[:4])
+  lm_cfg = LMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+                    num_heads=2, num_kv_heads=2, head_dim=8)
+  shard = hf_io.param_shardings(lm_cfg, mesh, config_lib.model_rules(cfg.model))
+  default = hf_io.param_shardings(lm_cfg, mesh)
+  up = ("layers_0", "mlp", "up_proj", "kernel")
+  assert tuple(default[up[0]][up[1]][up[2]][up[3]].spec) == ("fsdp", "tensor")
+  assert tuple(shard[up[0]][up[1]][up[2]][up[3]].spec) == (None, "tensor")

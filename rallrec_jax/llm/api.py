@@ -51,6 +51,12 @@ def _logits(model, params, ids, mask):
   return model.apply({"params": params}, ids, mask)
 
 
+def on_nvidia_gpu(mesh=None):
+  """Whether the mesh's devices (by default the first device) are NVIDIA GPUs."""
+  device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+  return device.platform == "gpu" and "NVIDIA" in device.device_kind
+
+
 def load_pretrained(path, dtype="float32", param_dtype=None, mesh=None,
                     rules=parallel.DEFAULT_RULES, remat="none", attention=""):
   """Load a Hugging Face model folder (config.json, safetensors, tokenizer), offline.
@@ -59,7 +65,7 @@ def load_pretrained(path, dtype="float32", param_dtype=None, mesh=None,
   shard by shard straight into its sharding.
   """
   cfg = LMConfig.from_folder(path, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
-                             attention=attention)
+                             attention=attention, nvidia_gpu=on_nvidia_gpu(mesh))
   shardings = hf_io.param_shardings(cfg, mesh, rules)
   params = hf_io.load_params(path, cfg, shardings)
   return LM(cfg=cfg, params=params, tokenizer=tokenizer_lib.load(path), mesh=mesh, rules=rules)

@@ -35,6 +35,7 @@ class LMConfig:
   param_dtype: str = "float32"
   remat: str = "none"               # none | full | dots (save matmul outputs)
   attention: str = ""               # xla | cudnn; "": cudnn for 16-bit prefill on NVIDIA GPUs
+  nvidia_gpu: bool = False          # the model runs on NVIDIA GPUs (set at load, for attention="")
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:

@@ -24,6 +24,18 @@ _REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
 
 INIT_STD = 0.02  # standard deviation of every kernel and embedding at initialisation
 
+# Logical axes of the activations the model constrains. Their batch axis is resolved first (the
+# rules' order), so a mesh axis that shards the batch leaves the other dimensions replicated.
+HIDDEN = ("batch", "length", "embed")
+HEADS = ("batch", "length", "heads", "head_dim")
+MLP_HIDDEN = ("batch", "length", "mlp")
+# Logical axes of every param: one mesh axis may shard at most one dimension of each
+# (`parallel.check_rules`), else a param meant to be split would silently stay whole.
+PARAM_AXES = (("vocab", "embed"), ("embed", "vocab"), ("norm",),
+              ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim"),
+              ("heads", "head_dim", "embed"), ("heads", "head_dim"), ("kv_heads", "head_dim"),
+              ("embed", "mlp"), ("mlp", "embed"))
+
 
 def _init(names, scale=INIT_STD):
   return nn.with_logical_partitioning(nn.initializers.normal(scale), names)
@@ -99,7 +111,7 @@ class Attention(nn.Module):
                  ("kv_heads", "head_dim"))(x)
     value = _dense(cfg, (k, d), -1, ("embed", "kv_heads", "head_dim"), "v_proj", cfg.qkv_bias,
                    ("kv_heads", "head_dim"))(x)
-    q = nn.with_logical_constraint(rope.apply(q, sin, cos), ("batch", "length", "heads", "head_dim"))
+    q = nn.with_logical_constraint(rope.apply(q, sin, cos), HEADS)
     key = rope.apply(key, sin, cos)
     new_cache = None
     if cache is not None:
@@ -109,7 +121,7 @@ class Attention(nn.Module):
       new_cache = {"k": key, "v": value}
     out = jax.nn.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype), mask=mask,
                                       implementation=_implementation(cfg, q, cache))
-    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+    out = nn.with_logical_constraint(out, HEADS)
     out = _dense(cfg, cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), "o_proj")(out)
     return out, new_cache
 
@@ -122,7 +134,7 @@ class MLP(nn.Module):
     cfg = self.cfg
     gate = _dense(cfg, cfg.intermediate_size, -1, ("embed", "mlp"), "gate_proj")(x)
     up = _dense(cfg, cfg.intermediate_size, -1, ("embed", "mlp"), "up_proj")(x)
-    hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+    hidden = nn.with_logical_constraint(nn.silu(gate) * up, MLP_HIDDEN)
     return _dense(cfg, cfg.hidden_size, -1, ("mlp", "embed"), "down_proj")(hidden)
 
 
@@ -135,7 +147,7 @@ class Block(nn.Module):
         RMSNorm(self.cfg, name="input_layernorm")(x), sin, cos, mask, cache, cache_index)
     x = x + attn
     x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x))
-    return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
+    return nn.with_logical_constraint(x, HIDDEN), new_cache
 
 
 class Decoder(nn.Module):
@@ -169,7 +181,7 @@ class Decoder(nn.Module):
       kv_mask = attention_mask
     mask = _mask(query_slots, kv_mask)
     sin, cos = rope.sin_cos(positions, self.inv_freq)
-    x = nn.with_logical_constraint(self.embed_tokens(input_ids), ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(self.embed_tokens(input_ids), HIDDEN)
     new_cache = []
     for i, layer in enumerate(self.layers):
       x, layer_cache = layer(x, sin, cos, mask, None if cache is None else cache[i], cache_index)
@@ -202,9 +214,8 @@ def _implementation(cfg, q, cache):
   training on NVIDIA GPUs (1.5x the XLA kernel for a 1B model on an H100), else XLA's."""
   if cfg.attention:
     return cfg.attention
-  device = jax.devices()[0]
   if (cache is None and q.dtype in (jnp.bfloat16, jnp.float16) and cfg.head_dim % 8 == 0
-      and cfg.head_dim <= 128 and device.platform == "gpu" and "NVIDIA" in device.device_kind):
+      and cfg.head_dim <= 128 and cfg.nvidia_gpu):
     return "cudnn"
   return "xla"
 
