@@ -6,22 +6,23 @@ import numpy as np
 import pytest
 
 from rallrec_jax import data as data_lib
-from rallrec_jax import pipeline
+from rallrec_jax import numeric, pipeline
 from rallrec_jax.retrieval import stage as retrieval_stage
+from rallrec_jax.eval import metrics
 from rallrec_jax.retrieval import candidates
 from rallrec_jax.retrieval import index as ix
 from tests.test_config import load_config
 
 
 def _clustered(rng, n, d, clusters=40, spread=1.0):
-  centres = ix.normalize_rows(rng.standard_normal((clusters, d)).astype(np.float32))
+  centres = numeric.unit_rows(rng.standard_normal((clusters, d)).astype(np.float32))
   noise = rng.standard_normal((n, d)).astype(np.float32) * (spread / math.sqrt(d))
   return centres[rng.integers(0, clusters, n)] + noise
 
 
 def _brute_force(vectors, queries, k, exclude):
   """Numpy ground truth: cosine scores, excluded ids at -inf, stable descending order."""
-  scores = ix.normalize_rows(queries) @ ix.normalize_rows(vectors).T
+  scores = numeric.unit_rows(queries) @ numeric.unit_rows(vectors).T
   for row, ids in enumerate(exclude):
     ids = np.asarray(ids, np.int64)
     scores[row, ids[(ids >= 0) & (ids < len(vectors))]] = -np.inf
@@ -161,11 +162,13 @@ def test_recall_ndcg_match_a_python_oracle():
   recommended = np.stack([rng.permutation(50)[:10] for _ in range(300)])
   recommended[::7, -3:] = -1
   relevant = [set(rng.integers(0, 50, rng.integers(0, 25)).tolist()) for _ in range(300)]
-  got = candidates.recall_ndcg_at_n(recommended, relevant)
+  csr = ix.as_csr(relevant)
+  got = metrics.recall_ndcg_at_n(recommended, csr.offsets, csr.items)
   np.testing.assert_allclose(got, _oracle(recommended.tolist(), relevant), rtol=1e-12)
-  csr = ix.as_csr([sorted(r) for r in relevant])
-  np.testing.assert_allclose(candidates.recall_ndcg_at_n(recommended, csr), got, rtol=1e-12)
-  assert candidates.recall_ndcg_at_n([[1, 2]], [{1, 2, 3}]) == pytest.approx((2 / 3, 1.0))
+  twice = ix.as_csr([sorted(r) * 2 for r in relevant])  # duplicate relevant ids count once
+  np.testing.assert_allclose(metrics.recall_ndcg_at_n(recommended, twice.offsets, twice.items),
+                             got, rtol=1e-12)
+  assert metrics.recall_ndcg_at_n([[1, 2]], [0, 3], [1, 2, 3]) == pytest.approx((2 / 3, 1.0))
 
 
 def test_user_vectors_match_numpy():
@@ -293,3 +296,16 @@ def test_index_stage_writes_its_recall_against_exact_search(prepared, backend):
   assert metrics["recall@10"] == pytest.approx(_recall(found[:, :10], truth[:, :10]), abs=1e-4)
   assert metrics["recall@10"] >= 0.95
   assert (workdir / "index" / "scann").is_dir() == (backend == "scann")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unit_rows_keep_the_dtype_and_zero_rows(dtype):
+  x = np.random.default_rng(0).standard_normal((50, 7)).astype(dtype) * 1e3
+  x[3] = 0
+  got = numeric.unit_rows(x)
+  assert got.dtype == dtype and not np.isnan(got).any()
+  np.testing.assert_array_equal(got[3], 0)
+  keep = np.arange(50) != 3
+  np.testing.assert_allclose(np.linalg.norm(got[keep], axis=1), 1, rtol=1e-6)
+  np.testing.assert_allclose(got[keep] * np.linalg.norm(x[keep], axis=1, keepdims=True), x[keep],
+                             rtol=1e-5)

@@ -8,6 +8,8 @@ concatenation. Blocks are concatenated in the fixed order text, cf, joint.
 """
 import numpy as np
 
+from rallrec_jax import numeric
+
 BLOCKS = ("text", "cf", "joint")
 VARIANTS = {"text": ("text",), "cf": ("cf",), "mix": ("text", "cf"),
             "mix3": ("text", "cf", "joint")}
@@ -30,7 +32,8 @@ def mix(blocks, variant="mix3", weights=None):
 
 def cosine(queries, keys):
   """[Q, K] cosine similarities between rows; a zero row is similar to nothing (0)."""
-  return _normalise_rows(queries) @ _normalise_rows(keys).T
+  return (numeric.unit_rows(np.asarray(queries, np.float32))
+          @ numeric.unit_rows(np.asarray(keys, np.float32)).T)
 
 
 def _variant_blocks(variant):
@@ -74,7 +77,3 @@ def _unit_max_norm(name, array):
   return array / largest
 
 
-def _normalise_rows(x):
-  x = np.asarray(x, np.float32)
-  norms = np.linalg.norm(x, axis=1, keepdims=True)
-  return x / np.maximum(norms, 1e-12)

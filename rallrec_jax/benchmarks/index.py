@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 
+from rallrec_jax import numeric
 from rallrec_jax.retrieval import index as index_lib
 
 EXACT_BATCH = 512  # as fast as 4096 on the CPU here, and its warm-up is cheap
@@ -30,7 +31,7 @@ def clustered_vectors(rng, n, d, centres, spread, piece=100_000):
   for start in range(0, n, piece):
     stop = min(start + piece, n)
     noise = rng.standard_normal((stop - start, d), dtype=np.float32) * (spread / np.sqrt(d))
-    out[start:stop] = index_lib.normalize_rows(
+    out[start:stop] = numeric.unit_rows(
         centres[rng.integers(0, len(centres), stop - start)] + noise)
   return out
 
@@ -51,7 +52,7 @@ def _timed_search(index, queries, k, batch):
 def bench_scann(n=1_000_000, d=128, queries=10_000, k=10, seed=0, clusters=1000, spread=1.0):
   """{"bench": "scann", "value": queries/s, ...} with the exact JAX backend as competitor."""
   rng = np.random.default_rng(seed)
-  centres = index_lib.normalize_rows(rng.standard_normal((clusters, d), dtype=np.float32))
+  centres = numeric.unit_rows(rng.standard_normal((clusters, d), dtype=np.float32))
   vectors = clustered_vectors(rng, n, d, centres, spread)
   query_vectors = clustered_vectors(rng, queries, d, centres, spread)
   cfg = index_lib.IndexConfig(backend="scann")

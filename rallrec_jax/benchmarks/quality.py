@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from rallrec_jax import config as config_lib
-from rallrec_jax import data, pipeline
+from rallrec_jax import data, numeric, pipeline
 from rallrec_jax.align import mix as mix_lib
 from rallrec_jax.eval import metrics
 from rallrec_jax.retrieval import history
-from rallrec_jax.retrieval.index import normalize_rows
 
 KS = (5, 10, 20, 30)
 # (row name, representation, order): the orders that decide which K items are used.
@@ -61,7 +60,7 @@ def predict(dataset, samples, items, vectors):
   sums = cumulative[end] - cumulative[start]
   lengths = end - start
   user_mean = np.where(lengths > 0, sums / np.maximum(lengths, 1), 3.5)
-  unit = normalize_rows(np.asarray(vectors, np.float32))
+  unit = numeric.unit_rows(np.asarray(vectors, np.float32))
   sims = np.einsum("nkd,nd->nk", unit[np.maximum(items, 0)], unit[samples.target])
   weights = np.where(items >= 0, np.maximum(sims, 0.0) + 1e-6, 0.0)
   deviation = np.nan_to_num(_ratings_of(dataset, samples, items) - user_mean[:, None])

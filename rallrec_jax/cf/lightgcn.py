@@ -30,6 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from rallrec_jax import progress, stage
+from rallrec_jax.eval import metrics
 
 EDGE_CHUNK = 16384   # edges per scatter-add; keeps the [chunk, dim] temporary in cache
 INIT_STD = 0.1
@@ -256,20 +257,18 @@ def recall_ndcg(user_emb, item_emb, train_pos, eval_pairs, k):
   users = np.flatnonzero(np.diff(truth.offsets))
   if len(users) == 0:
     raise ValueError("no held-out pair outside the training positives to evaluate")
-  discount = 1.0 / np.log2(np.arange(k) + 2.0)
-  ideal = np.cumsum(discount)
-  recall = ndcg = 0.0
   item_emb = jnp.asarray(item_emb)
+  top = []
   for lo in range(0, len(users), EVAL_BATCH):
     rows = users[lo:lo + EVAL_BATCH]
     pad = ((0, EVAL_BATCH - len(rows)), (0, 0))
-    top = _top_k(jnp.asarray(np.pad(np.asarray(user_emb[rows]), pad)), item_emb,
-                 np.pad(_dense_rows(train_pos, rows, num_items), pad), k)
-    hits = np.take_along_axis(_dense_rows(truth, rows, num_items), np.asarray(top)[:len(rows)], 1)
-    count = np.diff(truth.offsets)[rows]
-    recall += np.sum(hits.sum(1) / count)
-    ndcg += np.sum(hits @ discount / ideal[np.minimum(count, k) - 1])
-  return float(recall / len(users)), float(ndcg / len(users))
+    top.append(np.asarray(_top_k(jnp.asarray(np.pad(np.asarray(user_emb[rows]), pad)), item_emb,
+                                 np.pad(_dense_rows(train_pos, rows, num_items), pad), k))[:len(rows)])
+  counts = np.diff(truth.offsets)[users]
+  offsets = np.concatenate([[0], np.cumsum(counts)])
+  held_out = truth.item[np.repeat(truth.offsets[users] - offsets[:-1], counts)
+                        + np.arange(offsets[-1])]
+  return metrics.recall_ndcg_at_n(np.concatenate(top), offsets, held_out)
 
 
 def _held_out(train_pos, eval_pairs, num_users, num_items):

@@ -1,4 +1,5 @@
-"""Binary classification metrics: AUC (tie-aware), log loss, accuracy."""
+"""Metrics: binary classification (AUC, tie-aware; log loss; accuracy) and ranking (recall and
+NDCG at n)."""
 import numpy as np
 
 
@@ -40,6 +41,38 @@ def accuracy(labels, probabilities, threshold=0.5):
 def all_metrics(labels, probabilities):
   return {"auc": auc(labels, probabilities), "logloss": logloss(labels, probabilities),
           "acc": accuracy(labels, probabilities), "n": int(len(labels))}
+
+
+def recall_ndcg_at_n(recommended, offsets, items):
+  """(recall@n, NDCG@n) averaged over the users that have at least one relevant item.
+
+  `recommended` [num_users, n] ranks item ids best first (-1 pads short rows and never counts);
+  user u's relevant ids are items[offsets[u]:offsets[u + 1]] (duplicates count once, negative
+  ids never). Binary relevance: recall = hits / |relevant|; DCG = sum of 1 / log2(rank + 1) over
+  the hits at ranks 1..n; the ideal DCG puts min(n, |relevant|) hits first.
+  """
+  recommended = np.asarray(recommended, np.int64)
+  if recommended.ndim != 2:
+    raise ValueError(f"recommended must be [num_users, n], got shape {recommended.shape}")
+  offsets, items = np.asarray(offsets, np.int64), np.asarray(items, np.int64)
+  num_users, n = recommended.shape
+  if len(offsets) != num_users + 1:
+    raise ValueError(f"expected {num_users} rows of relevant ids, got {len(offsets) - 1}")
+  width = max(int(recommended.max(initial=0)), int(items.max(initial=0))) + 1
+  user_of = np.repeat(np.arange(num_users, dtype=np.int64), np.diff(offsets))
+  valid = items >= 0
+  wanted = np.unique(user_of[valid] * width + items[valid])
+  counts = np.bincount(wanted // width, minlength=num_users)
+  rows = np.arange(num_users, dtype=np.int64)[:, None]
+  hits = np.isin(rows * width + recommended, wanted) & (recommended >= 0)
+  discounts = 1.0 / np.log2(np.arange(2, n + 2))
+  ideal = np.concatenate([[0.0], np.cumsum(discounts)])[np.minimum(counts, n)]
+  users = counts > 0
+  if not users.any():
+    raise ValueError("no user has a relevant item, so recall and NDCG are undefined")
+  recall = hits[users].sum(axis=1) / counts[users]
+  ndcg = (hits[users] * discounts).sum(axis=1) / ideal[users]
+  return float(recall.mean()), float(ndcg.mean())
 
 
 def checkpoint_label(checkpoint, step):

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rallrec_jax import atomic, progress
+from rallrec_jax import atomic, numeric, progress
 
 ORDERS = ("simple", "high", "sequential", "rerank", "fusion")
 MAX_BLOCK = 64           # samples per block, at most
@@ -51,8 +51,7 @@ def normalize(embeddings):
     raise ValueError(f"embeddings must be [num_items, dim], got shape {e.shape}")
   if not np.isfinite(e).all():
     raise ValueError("embeddings hold NaN or infinite values")
-  norm = np.sqrt(np.einsum("ij,ij->i", e, e))
-  return (e / np.where(norm > 0, norm, 1.0)[:, None]).astype(np.float32)
+  return numeric.unit_rows(e).astype(np.float32)
 
 
 def _scores(table, rows, targets, first, count, decay):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rallrec_jax import atomic
+from rallrec_jax import atomic, numeric
 
 BACKENDS = ("auto", "scann", "exact")
 SCANN_MIN_ITEMS = 5000     # "auto" searches smaller catalogues exactly (see `resolve_backend`)
@@ -68,12 +68,6 @@ def as_csr(rows, num_rows=None):
   if num_rows is not None and len(offsets) - 1 != num_rows:
     raise ValueError(f"expected {num_rows} rows of ids (one per query), got {len(offsets) - 1}")
   return csr
-
-
-def normalize_rows(x):
-  """Rows scaled to unit length; all-zero rows stay zero instead of becoming NaN."""
-  norms = np.linalg.norm(x, axis=1, keepdims=True)
-  return x / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +171,7 @@ def _check_k(k):
 def _query_batch(queries, start, stop, normalize):
   """One batch of queries, normalised per batch so a huge query set is never copied whole."""
   batch = np.ascontiguousarray(queries[start:stop], np.float32)
-  return normalize_rows(batch) if normalize else batch
+  return numeric.unit_rows(batch) if normalize else batch
 
 
 def _empty_results(num_queries, k):
@@ -330,7 +324,7 @@ class ScannIndex:
   def __init__(self, vectors, cfg=IndexConfig(), normalize=True):
     vectors = _database(vectors)
     if normalize:
-      vectors = normalize_rows(vectors)
+      vectors = numeric.unit_rows(vectors)
     vectors = np.ascontiguousarray(vectors)
     self._attach(_build_searcher(vectors, cfg), vectors, cfg, normalize)
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from rallrec_jax import atomic, data, stage
 from rallrec_jax import config as config_lib
+from rallrec_jax.eval import metrics
 from rallrec_jax.retrieval import candidates, history, index as index_lib
 from rallrec_jax.stage import Stage
 
@@ -36,7 +37,7 @@ def index(cfg, workdir):
       test.target[by_user], np.cumsum(np.bincount(test.user, minlength=dataset.num_users))[:-1]))
   users = candidates.user_vectors(vectors, seen, recent=cfg.index.recent)
   recommended = candidates.recommend(built, users, seen, cfg.index.recommend_n)
-  recall, ndcg = candidates.recall_ndcg_at_n(recommended, relevant)
+  recall, ndcg = metrics.recall_ndcg_at_n(recommended, relevant.offsets, relevant.items)
   n = cfg.index.recommend_n
   with atomic.directory(workdir / "index") as tmp:
     if built.backend == "scann":
