@@ -28,10 +28,11 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 DTYPES = ("float32", "bfloat16", "float16")
 EVAL_ROWS = ("first", "spread")
 # Keys that decide how a stage runs, not what it computes. Stage fingerprints and resume keys
-# leave them out, so another mesh, remat policy, attention kernel or inference batch size
-# neither reruns a finished stage nor throws away a stage's partial work.
+# leave them out, so another mesh, sharding table, remat policy, attention kernel, layout of the
+# layers or inference batch size neither reruns a finished stage nor throws away a stage's
+# partial work (checkpoints hold the layers apart in either layout).
 EXECUTION_KEYS = ("model.mesh", "model.rules", "model.remat", "model.attention",
-                  "retrieval.batch_size", "eval.batch_size")
+                  "model.scan_layers", "retrieval.batch_size", "eval.batch_size")
 
 # Keys added with a default other than what the code did before they existed: a manifest
 # written before them reads as this value, not as today's default.
@@ -76,6 +77,7 @@ def base_config():
   m.param_dtype = ""          # "" = same as dtype
   m.remat = "none"            # none | full | dots
   m.attention = ""            # xla | cudnn (flash); "": cudnn for 16-bit prefill on NVIDIA GPUs
+  m.scan_layers = "auto"      # auto | true | false: the layers as one scan; auto: 5+ layers
   m.mesh = (("data", -1),)    # (axis, size) pairs over data / fsdp / tensor, one -1
   # Logical axis -> the mesh axes that shard it ("data,fsdp", "tensor", "" = replicated).
   # Params shard over fsdp (embed) and tensor (heads, mlp, vocab); activations their batch
@@ -367,6 +369,8 @@ def _validate_model(m):
          f"{m.remat!r} is not one of none, full, dots")
   _check(m.attention in ("", "xla", "cudnn"), "model.attention",
          f"{m.attention!r} is not one of '' (automatic), xla, cudnn")
+  _check(m.scan_layers in ("auto", "true", "false"), "model.scan_layers",
+         f"{m.scan_layers!r} is not one of auto, true, false")
   try:
     parallel.check_mesh_shape([tuple(x) for x in m.mesh])
   except ValueError as e:

@@ -27,6 +27,7 @@ DEFAULT_RULES = (
     ("head_dim", None),
     ("length", None),
     ("norm", None),
+    ("layers", None),  # the scanned layers' stacking axis: the scan walks it on every device
 )
 
 

@@ -80,4 +80,5 @@ def load_model(cfg, workdir, dataset):
     distributed.wait_for((path / "key").is_file, f"process 0 to build {path}")
   mesh = parallel.make_mesh(tuple(tuple(x) for x in m.mesh))
   return load_pretrained(path, dtype=m.dtype, param_dtype=m.param_dtype or None, mesh=mesh,
-                         rules=config_lib.model_rules(m), remat=m.remat, attention=m.attention)
+                         rules=config_lib.model_rules(m), remat=m.remat, attention=m.attention,
+                         scan_layers=m.scan_layers)

@@ -88,6 +88,7 @@ def test_overrides_set_leaves_and_reject_unknown_keys():
     ("retrieval.half_life", 0.0, "retrieval.half_life: must be > 0"),
     ("model.path", "/nowhere", "model.path: /nowhere is not a Hugging Face model folder"),
     ("model.dtype", "float8", "model.dtype"),
+    ("model.scan_layers", "yes", "model.scan_layers: 'yes' is not one of auto, true, false"),
     ("model.mesh", (("data", -1), ("model", 2)), "model.mesh: mesh axes"),
     ("model.mesh", (("data", -1), ("tensor", -1)), "model.mesh: mesh sizes"),
     ("model.rules.embed", "tensor",
@@ -159,13 +160,18 @@ def test_ml100k_cpu_recipe_sets_the_measured_fine_tune_and_validates(tmp_path):
 def test_model_rules_default_to_the_table_and_cover_every_array_of_the_model():
   cfg = config_lib.base_config()
   assert config_lib.model_rules(cfg.model) == parallel.DEFAULT_RULES
+  with pytest.raises(ValueError, match="'layers' and 'embed' both map to mesh axis 'fsdp'"):
+    parallel.check_rules(parallel.rules_from_table({"layers": "fsdp", "embed": "fsdp"}),
+                         model.PARAM_AXES)
   # Every param's logical axes (bias and untied head included) are among model.PARAM_AXES,
   # which the rules are checked against.
-  lm_cfg = LMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
-                    num_heads=2, num_kv_heads=1, head_dim=8, qkv_bias=True)
-  names = {tuple(leaf.names) for leaf in jax.tree.leaves(
-      hf_io.abstract_params(lm_cfg), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))}
-  assert names <= set(model.PARAM_AXES)
+  for scan in ("false", "true"):
+    lm_cfg = LMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=8, qkv_bias=True, scan_layers=scan)
+    names = {tuple(leaf.names) for leaf in jax.tree.leaves(
+        hf_io.abstract_params(lm_cfg), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))}
+    assert names <= set(model.PARAM_AXES)
+    assert any(n[0] == "layers" for n in names) == (scan == "true")
   assert config_lib.EXECUTION_KEYS.count("model.rules") == 1
 
 

@@ -36,14 +36,17 @@ def rel_diffs(out):
   return np.abs(ours - theirs) / np.abs(theirs)
 
 
-@pytest.mark.parametrize("targets,layers,opt", [
-    (("q_proj", "v_proj"), 0, bench_control.Optim(lr=1e-2, steps=5)),
-    (ALL, 0, bench_control.Optim(lr=1e-2, steps=6, warmup=2, weight_decay=0.1)),
-    (("k_proj", "o_proj", "up_proj"), 1, bench_control.Optim(lr=1e-2, steps=4, warmup=1)),
+@pytest.mark.parametrize("targets,layers,opt,scan", [
+    (("q_proj", "v_proj"), 0, bench_control.Optim(lr=1e-2, steps=5), "false"),
+    (ALL, 0, bench_control.Optim(lr=1e-2, steps=6, warmup=2, weight_decay=0.1), "false"),
+    (("k_proj", "o_proj", "up_proj"), 1, bench_control.Optim(lr=1e-2, steps=4, warmup=1), "false"),
+    (ALL, 0, bench_control.Optim(lr=1e-2, steps=4, warmup=1), "true"),
+    (("k_proj", "o_proj", "up_proj"), 1, bench_control.Optim(lr=1e-2, steps=4, warmup=1), "true"),
 ])
-def test_losses_match_peft_step_by_step(folder, targets, layers, opt):
+def test_losses_match_peft_step_by_step(folder, targets, layers, opt, scan):
   lora_cfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=targets, layers=layers)
-  out = bench_control.control(folder, BATCHES, lora_cfg, opt, eval_batches=BATCHES[:2])
+  out = bench_control.control(folder, BATCHES, lora_cfg, opt, eval_batches=BATCHES[:2],
+                              scan_layers=scan)
   assert len(out["ours_loss"]) == len(out["theirs_loss"]) == opt.steps
   assert max(rel_diffs(out)) < 1e-4, (out["ours_loss"], out["theirs_loss"])
   # The adapters did train: the loss moved, and P(yes) agrees after training.
@@ -52,10 +55,11 @@ def test_losses_match_peft_step_by_step(folder, targets, layers, opt):
   assert out["ours_auc"] == pytest.approx(out["theirs_auc"])
 
 
-@pytest.mark.parametrize("clip_norm", [0.0, 1e-3])
-def test_full_fine_tuning_losses_match_transformers_step_by_step(folder, clip_norm):
+@pytest.mark.parametrize("clip_norm,scan", [(0.0, "false"), (1e-3, "false"), (1e-3, "true")])
+def test_full_fine_tuning_losses_match_transformers_step_by_step(folder, clip_norm, scan):
   opt = bench_control.Optim(lr=1e-3, steps=5, warmup=1, weight_decay=0.01, clip_norm=clip_norm)
-  out = bench_control.control(folder, BATCHES, None, opt, eval_batches=BATCHES[:2])
+  out = bench_control.control(folder, BATCHES, None, opt, eval_batches=BATCHES[:2],
+                              scan_layers=scan)
   assert max(rel_diffs(out)) < 1e-4, (out["ours_loss"], out["theirs_loss"])
   assert abs(out["ours_loss"][-1] - out["ours_loss"][0]) > 1e-3
   assert out["max_p_yes_diff"] < 1e-4

@@ -30,6 +30,14 @@ def tiny(tiny_folder):
   return tiny_hf_model(tiny_folder, "llama"), load_pretrained(tiny_folder)
 
 
+@pytest.fixture(scope="module", params=["unrolled", "scanned"])
+def either(request, tiny, tiny_folder):
+  """The tiny llama's LM in either layout of its layers."""
+  if request.param == "unrolled":
+    return tiny[1]
+  return load_pretrained(tiny_folder, scan_layers="true")
+
+
 def left_padded(lengths, vocab_size, seed=0):
   """Random prompts of these lengths, left-padded with PAD: ids and mask [B, max(lengths)]."""
   rng = np.random.default_rng(seed)
@@ -56,10 +64,10 @@ def assert_same_up_to_stop(ours, ref, pad=PAD):
   assert (ours[:, ref.shape[1]:] == pad).all()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_greedy_matches_transformers(kind, tmp_path):
+@pytest.mark.parametrize("kind, scan", [("llama", "false"), ("qwen2", "false"), ("qwen2", "true")])
+def test_greedy_matches_transformers(kind, scan, tmp_path):
   model = tiny_hf_model(tmp_path, kind)
-  lm = load_pretrained(tmp_path)
+  lm = load_pretrained(tmp_path, scan_layers=scan)
   ids, mask = left_padded([5, 17, 2, 9], lm.cfg.vocab_size)
   ours = gen.generate(lm.cfg, lm.params, ids, mask, max_new_tokens=NEW, eos_ids=(EOS,),
                       pad_id=PAD)
@@ -67,8 +75,8 @@ def test_greedy_matches_transformers(kind, tmp_path):
   assert_same_up_to_stop(ours, torch_greedy(model, ids, mask, NEW))
 
 
-def test_cached_decode_matches_cache_free_forward(tiny):
-  _, lm = tiny
+def test_cached_decode_matches_cache_free_forward(either):
+  lm = either
   ids, mask = left_padded([6, 3, 10], lm.cfg.vocab_size, seed=1)
   out = gen.generate(lm.cfg, lm.params, ids, mask, max_new_tokens=NEW)
   full_ids = np.concatenate([ids, out], axis=1)
@@ -173,15 +181,20 @@ def test_generate_text_batches_and_shards_alike(tiny, tiny_folder):
   assert gen.generate_text(lm, [], max_new_tokens=6) == []
 
 
-def test_cache_batch_is_sharded_over_the_batch_axes(tiny):
-  _, lm = tiny
+def test_cache_batch_is_sharded_over_the_batch_axes(either):
+  lm = either
   mesh = parallel.make_mesh((("data", 4), ("tensor", 2)))
   shape = (8, 24, lm.cfg.num_kv_heads, lm.cfg.head_dim)
   sharding = parallel.batch_sharding(mesh, shape)
   cache = gen.init_cache(lm.cfg, 8, 24, sharding=sharding)
-  assert len(cache) == lm.cfg.num_layers
-  assert cache[0]["k"].sharding == sharding
-  assert cache[0]["v"].addressable_shards[0].data.shape == (2,) + shape[1:]
+  if lm.cfg.scanned:  # one stack, its layers axis unsplit
+    assert cache["k"].shape == (lm.cfg.num_layers,) + shape
+    assert tuple(cache["k"].sharding.spec) == (None,) + tuple(sharding.spec)
+    assert cache["v"].addressable_shards[0].data.shape == (lm.cfg.num_layers, 2) + shape[1:]
+  else:
+    assert len(cache) == lm.cfg.num_layers
+    assert cache[0]["k"].sharding == sharding
+    assert cache[0]["v"].addressable_shards[0].data.shape == (2,) + shape[1:]
 
 
 def test_bucket_lengths():

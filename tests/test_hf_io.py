@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 from rallrec_jax import parallel
 from rallrec_jax.llm import hf_io, lora
 from rallrec_jax.llm.config import CheckpointError, LMConfig
-from rallrec_jax.llm.model import Decoder
+from rallrec_jax.llm.model import Decoder, stack_layers
 from tests.llm_fixtures import random_batch, tiny_hf_model
 
 IDS, MASK = random_batch(64, batch=4, pad_right=(0, 4, 7, 2))
@@ -23,8 +23,8 @@ def logits(cfg, params, ids, mask):
   return Decoder(cfg).apply({"params": params}, ids, mask)
 
 
-def ours(folder, shardings=None):
-  cfg = LMConfig.from_folder(folder)
+def ours(folder, shardings=None, scan="false"):
+  cfg = LMConfig.from_folder(folder, scan_layers=scan)
   params = hf_io.load_params(folder, cfg, shardings)
   return cfg, params, np.asarray(logits(cfg, params, IDS, MASK))
 
@@ -43,11 +43,12 @@ def good(tmp_path_factory):
   return folder, tiny_hf_model(folder, "llama", with_tokenizer=False)
 
 
-@pytest.mark.parametrize("kind, tied", [("llama", False), ("llama", True), ("qwen2", False)])
-def test_export_round_trip_with_merged_lora(tmp_path, kind, tied):
+@pytest.mark.parametrize("kind, tied, scan", [("llama", False, "false"), ("llama", True, "false"),
+                                             ("qwen2", False, "false"), ("qwen2", False, "true")])
+def test_export_round_trip_with_merged_lora(tmp_path, kind, tied, scan):
   from transformers import AutoModelForCausalLM  # pylint: disable=import-outside-toplevel
   model = tiny_hf_model(tmp_path / "hf", kind, with_tokenizer=False, tie_word_embeddings=tied)
-  cfg, params, base = ours(tmp_path / "hf")
+  cfg, params, base = ours(tmp_path / "hf", scan=scan)
   assert cfg.tie_word_embeddings == tied and cfg.qkv_bias == (kind == "qwen2")
   np.testing.assert_allclose(base[REAL], theirs(model)[REAL], atol=1e-4)
 
@@ -117,12 +118,13 @@ def test_corrupt_safetensors(good, tmp_path, corrupt):
     ours(folder)
 
 
-def test_sharded_checkpoint_files(good, tmp_path):
+@pytest.mark.parametrize("scan", ["false", "true"])
+def test_sharded_checkpoint_files(good, tmp_path, scan):
   _, model = good
   model.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
   files = sorted(p.name for p in (tmp_path / "shards").glob("*.safetensors"))
   assert (tmp_path / "shards" / "model.safetensors.index.json").is_file() and len(files) > 2
-  _, _, loaded = ours(tmp_path / "shards")
+  _, _, loaded = ours(tmp_path / "shards", scan=scan)
   np.testing.assert_allclose(loaded[REAL], theirs(model)[REAL], atol=1e-4)
 
 
@@ -143,3 +145,19 @@ def test_load_into_mesh(good):
     np.testing.assert_array_equal(
         np.asarray(array), np.asarray(functools.reduce(lambda node, k: node[k], path, single)))
   np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_load_stacked_layers_into_mesh(good):
+  folder, _ = good
+  mesh = parallel.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))
+  _, single, expected = ours(folder)
+  cfg, params, got = ours(folder, scan="true")
+  _, sharded, got_sharded = ours(folder, hf_io.param_shardings(cfg, mesh), scan="true")
+  up = sharded["layers"]["mlp"]["up_proj"]["kernel"]
+  assert tuple(up.sharding.spec) == (None, "fsdp", "tensor")
+  assert up.addressable_shards[0].data.shape == (2, 16, 24)
+  for stacked in (params, sharded):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(stacked),
+                 jax.device_get(stack_layers(single)))
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  np.testing.assert_allclose(got_sharded, expected, atol=1e-5)

@@ -1,11 +1,19 @@
-"""The Flax decoder against transformers' PyTorch models, and sharded against unsharded."""
+"""The Flax decoder against transformers' PyTorch models, sharded against unsharded, and
+scanned layers against unrolled ones."""
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
 
 from rallrec_jax import parallel
 from rallrec_jax.llm import LMConfig, load_pretrained
-from rallrec_jax.llm import hf_io, tiny
+from rallrec_jax.llm import generate, hf_io, lora, tiny
+from rallrec_jax.llm.model import Decoder, stack_layers
 from tests.llm_fixtures import random_batch, tiny_hf_model
 
 torch = pytest.importorskip("torch")
@@ -31,11 +39,12 @@ def torch_logits(model, ids, mask):
                  position_ids=torch.tensor(positions)).logits.numpy()
 
 
+@pytest.mark.parametrize("scan", ["false", "true"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_match_transformers(case, tmp_path):
+def test_logits_match_transformers(case, scan, tmp_path):
   kind, overrides = CASES[case]
   model = tiny_hf_model(tmp_path, kind, **overrides)
-  lm = load_pretrained(tmp_path)
+  lm = load_pretrained(tmp_path, scan_layers=scan)
   ids, mask = random_batch(lm.cfg.vocab_size, batch=3, length=40)
   ref = torch_logits(model, ids, mask)
   ours = lm.logits(ids, mask)
@@ -82,21 +91,24 @@ def test_remat_and_bf16(tmp_path):
   assert out.dtype == np.float32 and np.abs(out - ref)[real].max() < 0.1 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("scan", ["false", "true"])
 @pytest.mark.parametrize("shape", [(("data", 2), ("fsdp", 2), ("tensor", 2)), (("data", 8),)])
-def test_sharded_forward_equals_unsharded(shape, tmp_path):
+def test_sharded_forward_equals_unsharded(shape, scan, tmp_path):
   tiny_hf_model(tmp_path, "llama", hidden_size=48, intermediate_size=64, head_dim=8,
                 num_attention_heads=6, num_key_value_heads=2)
   ids, mask = random_batch(64, batch=8, pad_right=(0, 3, 5, 0, 1, 2, 7, 4))
   ref = load_pretrained(tmp_path).logits(ids, mask)
   mesh = parallel.make_mesh(shape)
-  lm = load_pretrained(tmp_path, mesh=mesh)
+  lm = load_pretrained(tmp_path, mesh=mesh, scan_layers=scan)
   np.testing.assert_allclose(lm.logits(ids, mask), ref, atol=2e-5)
-  up = lm.params["layers_0"]["mlp"]["up_proj"]["kernel"]
-  q = lm.params["layers_0"]["self_attn"]["q_proj"]["kernel"]
+  layers = lm.params["layers"] if lm.cfg.scanned else lm.params["layers_0"]
+  up = layers["mlp"]["up_proj"]["kernel"]
+  q = layers["self_attn"]["q_proj"]["kernel"]
+  lead = (lm.cfg.num_layers,) if lm.cfg.scanned else ()  # a stack's layers axis is not split
   if dict(shape).get("tensor"):
-    assert tuple(up.sharding.spec) == ("fsdp", "tensor")
-    assert up.addressable_shards[0].data.shape == (48 // 2, 64 // 2)
-    assert q.addressable_shards[0].data.shape == (24, 3, 8)
+    assert tuple(up.sharding.spec) == (None,) * len(lead) + ("fsdp", "tensor")
+    assert up.addressable_shards[0].data.shape == lead + (48 // 2, 64 // 2)
+    assert q.addressable_shards[0].data.shape == lead + (24, 3, 8)
   else:
     assert up.addressable_shards[0].data.shape == up.shape  # no fsdp/tensor axes: replicated
 
@@ -122,3 +134,86 @@ def test_tiny_build_draws_weights_at_init_std(tmp_path, init_std):
       np.testing.assert_array_equal(value, 1.0)
     else:
       assert abs(value.std() / init_std - 1) < 0.1, (name, value.std())
+
+
+DEEP = LMConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=6, num_heads=4,
+                num_kv_heads=2, head_dim=8, scan_layers="false")
+
+
+def test_auto_scans_deep_stacks_only():
+  assert not dataclasses.replace(DEEP, num_layers=2, scan_layers="auto").scanned
+  assert not dataclasses.replace(DEEP, num_layers=4, scan_layers="auto").scanned
+  assert dataclasses.replace(DEEP, scan_layers="auto").scanned
+  assert dataclasses.replace(DEEP, num_layers=2, scan_layers="true").scanned
+  with pytest.raises(ValueError, match="scan_layers"):
+    dataclasses.replace(DEEP, scan_layers="yes")
+
+
+def _both_layouts(remat="none"):
+  """(unrolled cfg, its params, scanned cfg, the same params stacked) of a 6-layer decoder."""
+  unrolled = dataclasses.replace(DEEP, remat=remat)
+  ids = jnp.zeros((1, 4), jnp.int32)
+  params = nn.meta.unbox(Decoder(unrolled).init(jax.random.key(0), ids)["params"])
+  params = jax.tree.map(lambda p: p * 5.0, params)  # large enough for a real comparison
+  return unrolled, params, dataclasses.replace(unrolled, scan_layers="true"), stack_layers(params)
+
+
+def _close(got, want, tol):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=tol, atol=tol * float(np.abs(w).max()))
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_layers_equal_unrolled(remat):
+  unrolled, params, scanned, stacked = _both_layouts(remat)
+  assert scanned.scanned and set(stacked) == {"embed_tokens", "layers", "norm", "lm_head"}
+  abstract = hf_io.abstract_params(scanned)["layers"]["mlp"]["up_proj"]["kernel"]
+  assert tuple(abstract.names) == ("layers", "embed", "mlp")
+  ids, mask = (jnp.asarray(a, jnp.int32) for a in random_batch(64, batch=3, length=10))
+
+  def loss(cfg, p):
+    return jnp.mean(Decoder(cfg).apply({"params": p}, ids, mask) ** 2)
+
+  ref = Decoder(unrolled).apply({"params": params}, ids, mask)
+  assert float(jnp.abs(ref).max()) > 1.0
+  _close(Decoder(scanned).apply({"params": stacked}, ids, mask), ref, 1e-5)
+  want = stack_layers(jax.grad(functools.partial(loss, unrolled))(params))
+  _close(jax.grad(functools.partial(loss, scanned))(stacked), want, 1e-4)
+
+
+def test_scanned_lora_and_cache_equal_unrolled():
+  unrolled, params, scanned, stacked = _both_layouts()
+  ids, mask = (jnp.asarray(a, jnp.int32) for a in random_batch(64, batch=3, length=10))
+  lora_cfg = lora.LoraConfig(rank=4, dropout=0.2, targets=("q_proj", "down_proj"), layers=2)
+  adapters = lora.init(jax.random.key(1), unrolled, lora_cfg)
+  adapters = jax.tree.map(lambda a: a + 0.1, adapters)  # B away from zero
+  assert sorted(adapters) == ["layers_4", "layers_5"]
+  stacked_adapters = lora.init(jax.random.key(1), scanned, lora_cfg)
+  assert stacked_adapters["layers"]["self_attn"]["q_proj"]["a"].shape[0] == 2
+  _close(stacked_adapters, stack_layers(lora.init(jax.random.key(1), unrolled, lora_cfg)), 0)
+
+  def loss(cfg, p, a):
+    out = lora.apply(cfg, p, a, lora_cfg, ids, mask, dropout_rng=jax.random.key(7))
+    return jnp.mean(out ** 2)
+
+  value, grads = jax.value_and_grad(functools.partial(loss, unrolled), argnums=1)(
+      params, adapters)
+  got, got_grads = jax.value_and_grad(functools.partial(loss, scanned), argnums=1)(
+      stacked, stack_layers(adapters))
+  _close(got, value, 1e-5)  # the same dropout masks in both layouts
+  _close(got_grads, stack_layers(grads), 1e-4)
+  _close(lora.merge(stacked, stack_layers(adapters), lora_cfg),
+         stack_layers(lora.merge(params, adapters, lora_cfg)), 1e-6)
+
+  def cached(cfg, p):
+    cache = generate.init_cache(cfg, 3, 16)
+    hidden, cache = Decoder(cfg).apply({"params": p}, ids, mask, cache=cache,
+                                       kv_mask=jnp.pad(mask, ((0, 0), (0, 6))),
+                                       method=Decoder.hidden)
+    return hidden, cache
+
+  hidden, cache = cached(unrolled, params)
+  got_hidden, got_cache = cached(scanned, stacked)
+  assert got_cache["k"].shape == (6, 3, 16, 2, 8)
+  _close(got_hidden, hidden, 1e-5)
+  _close(got_cache, jax.tree.map(lambda *c: jnp.stack(c), *cache), 1e-5)

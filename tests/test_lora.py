@@ -12,7 +12,7 @@ import pytest
 from rallrec_jax import parallel
 from rallrec_jax.llm import hf_io, lora, losses
 from rallrec_jax.llm.config import CheckpointError, LMConfig
-from rallrec_jax.llm.model import Decoder
+from rallrec_jax.llm.model import Decoder, unstack_layers
 from rallrec_jax.train import step as step_lib
 from tests.llm_fixtures import random_batch, tiny_hf_model
 
@@ -20,12 +20,12 @@ QV = ("q_proj", "v_proj")
 ALL = tuple(lora.IN_NDIM)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  """(folder, cfg, params, torch model) of a tiny random llama."""
+@pytest.fixture(scope="module", params=["unrolled", "scanned"])
+def tiny(request, tmp_path_factory):
+  """(folder, cfg, params, torch model) of a tiny random llama, in either layout."""
   folder = tmp_path_factory.mktemp("tiny_llama")
   torch_model = tiny_hf_model(folder, "llama", with_tokenizer=False)
-  cfg = LMConfig.from_folder(folder)
+  cfg = LMConfig.from_folder(folder, scan_layers="true" if request.param == "scanned" else "false")
   return folder, cfg, hf_io.load_params(folder, cfg), torch_model
 
 
@@ -61,10 +61,21 @@ def randomize_b(adapters, seed=1, scale=0.1):
   return jax.tree.unflatten(tree, out)
 
 
-def by_module(adapters, kind):
-  """{"layers_i/.../proj": A or B} of every adapted module, as numpy."""
+def by_module(adapters, kind, cfg):
+  """{"layers_i/.../proj": A or B} of every adapted module, as numpy, in either layout."""
+  per_layer = unstack_layers(adapters, cfg.num_layers)
   return {"/".join(k.key for k in path[:-1]): np.asarray(x)
-          for path, x in jax.tree.flatten_with_path(adapters)[0] if path[-1].key == kind}
+          for path, x in jax.tree.flatten_with_path(per_layer)[0] if path[-1].key == kind}
+
+
+def spec(x, cfg):
+  """A layer's partition spec of adapter `x` (a stack's leading layers axis left out)."""
+  spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+  return spec[1:] if cfg.scanned else spec
+
+
+def layer_0(adapters):
+  return adapters["layers"] if "layers" in adapters else adapters["layers_0"]
 
 
 def test_config_validation():
@@ -83,7 +94,7 @@ def test_identity_at_init_and_merge(tiny, targets):
   adapters = lora.init(jax.random.key(0), cfg, lora_cfg)
   parent = {t: "mlp" if t in ("gate_proj", "up_proj", "down_proj") else "self_attn"
             for t in targets}
-  assert set(by_module(adapters, "a")) == {f"layers_{i}/{parent[t]}/{t}"
+  assert set(by_module(adapters, "a", cfg)) == {f"layers_{i}/{parent[t]}/{t}"
                                            for i in range(cfg.num_layers) for t in targets}
   batch = batch_of(cfg)
   ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -104,7 +115,7 @@ def test_train_step_trains_adapters_only(tiny, trainer):
   _, cfg, params, _ = tiny
   lora_cfg, optimizer, step = trainer
   adapters = lora.init(jax.random.key(0), cfg, lora_cfg)
-  a_before = by_module(adapters, "a")
+  a_before = by_module(adapters, "a", cfg)
   params_before = jax.tree.map(np.array, params)
   state = step_lib.init_train_state(jax.random.key(1), adapters, optimizer)
   losses = []
@@ -115,7 +126,8 @@ def test_train_step_trains_adapters_only(tiny, trainer):
   assert int(state["step"]) == 6
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, params), params_before)
   # B starts at 0 and A's only other force is a tiny weight decay: movement means a gradient.
-  b_after, a_after = by_module(state["weights"], "b"), by_module(state["weights"], "a")
+  b_after, a_after = (by_module(state["weights"], "b", cfg),
+                      by_module(state["weights"], "a", cfg))
   assert len(b_after) == 3 * cfg.num_layers
   for module, b in b_after.items():
     assert np.abs(b).min() > 0, module
@@ -148,7 +160,7 @@ def test_matches_peft(tiny):
       if ".lora_" not in name:
         continue
       layer, proj = name.split(".layers.")[1].split(".")[0], name.split(".self_attn.")[1][:6]
-      pair = adapters[f"layers_{layer}"]["self_attn"][proj]
+      pair = unstack_layers(adapters, cfg.num_layers)[f"layers_{layer}"]["self_attn"][proj]
       # PEFT: lora_A.weight [r, in], lora_B.weight [out = heads * head_dim, r].
       ours = pair["a"].T if ".lora_A." in name else pair["b"].reshape(4, -1).T
       p.copy_(torch.from_numpy(np.array(ours)))
@@ -173,7 +185,8 @@ def test_save_load_round_trip_and_mismatches(tiny, tmp_path):
   for base in (None, cfg):
     loaded, loaded_cfg = lora.load(folder, base)
     assert loaded_cfg == lora_cfg
-    jax.tree.map(np.testing.assert_array_equal, loaded, adapters)
+    jax.tree.map(np.testing.assert_array_equal, unstack_layers(loaded, cfg.num_layers),
+                 unstack_layers(adapters, cfg.num_layers))
 
   with pytest.raises(CheckpointError, match=r"tensor 'layers_0/self_attn/o_proj/a'.*rank 8"):
     lora.load(folder, cfg, rank=8)
@@ -190,15 +203,15 @@ def test_sharded_adapters_and_step_match_unsharded(tiny, trainer):
   folder, cfg, params, _ = tiny
   mesh = parallel.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))
   layout = lora.init(jax.random.key(0), cfg, lora.LoraConfig(targets=("q_proj", "o_proj")), mesh)
-  attn = layout["layers_0"]["self_attn"]
-  assert tuple(attn["q_proj"]["a"].sharding.spec) == ("fsdp", None)
-  assert tuple(attn["q_proj"]["b"].sharding.spec) == (None, "tensor", None)
-  assert tuple(attn["o_proj"]["a"].sharding.spec) == ("tensor", None, None)
-  assert tuple(attn["o_proj"]["b"].sharding.spec) == (None, "fsdp")
+  attn = layer_0(layout)["self_attn"]
+  assert spec(attn["q_proj"]["a"], cfg) == ("fsdp", None)
+  assert spec(attn["q_proj"]["b"], cfg) == (None, "tensor", None)
+  assert spec(attn["o_proj"]["a"], cfg) == ("tensor", None, None)
+  assert spec(attn["o_proj"]["b"], cfg) == (None, "fsdp")
 
   lora_cfg, optimizer, step = trainer
   sharded = lora.init(jax.random.key(0), cfg, lora_cfg, mesh)
-  assert tuple(sharded["layers_0"]["mlp"]["down_proj"]["b"].sharding.spec) == (None, "fsdp")
+  assert spec(layer_0(sharded)["mlp"]["down_proj"]["b"], cfg) == (None, "fsdp")
   single = lora.init(jax.random.key(0), cfg, lora_cfg)
   jax.tree.map(np.testing.assert_array_equal, sharded, single)
   sharded_params = hf_io.load_params(folder, cfg, hf_io.param_shardings(cfg, mesh))

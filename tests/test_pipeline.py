@@ -129,9 +129,10 @@ def test_force_starts_a_resumable_stage_afresh(tmp_path, folder, monkeypatch, ca
 
 
 def test_execution_keys_neither_rerun_nor_restart(tmp_path, folder, monkeypatch):
-  """Mesh, remat, attention kernel and inference batch sizes leave results alone: changing them
-  skips finished stages (old manifests that hold them too) and keeps resume keys. Manifests
-  written before a config key existed stay current while the key has its default."""
+  """Mesh, remat, attention kernel, layers' layout and inference batch sizes leave results
+  alone: changing them skips finished stages (old manifests that hold them too) and keeps
+  resume keys. Manifests written before a config key existed stay current while the key has
+  its default."""
   monkeypatch.setattr(pipeline, "STAGES", dict(pipeline.STAGES))
   pipeline.register(Stage(
       name="count", help="writes count.txt", run=lambda cfg, w: (w / "count.txt").write_text("1"),
@@ -140,8 +141,9 @@ def test_execution_keys_neither_rerun_nor_restart(tmp_path, folder, monkeypatch)
   cfg = ml1m_config(folder)
   assert pipeline.run(cfg, workdir, stages=["prepare", "count"])["count"] == "ran"
   key = config_lib.result_config(cfg, "model")
-  assert {"mesh", "remat", "attention"}.isdisjoint(key) and "path" in key
+  assert {"mesh", "remat", "attention", "scan_layers"}.isdisjoint(key) and "path" in key
   cfg.model.mesh, cfg.model.remat, cfg.model.attention = (("fsdp", -1),), "full", "xla"
+  cfg.model.scan_layers = "true"
   cfg.retrieval.batch_size, cfg.eval.batch_size = 7, 3
   assert pipeline.run(cfg, workdir, stages=["count"]) == {"count": "skipped"}
   assert config_lib.result_config(cfg, "model") == key

@@ -59,6 +59,8 @@ EXCLUDED = {
         "installs the test requirements and runs the whole default suite (about 10 minutes)",
     "python -m rallrec_jax.bench llm": "needs SmolLM2-135M downloaded, and PyTorch",
     "python -m rallrec_jax.bench llm-accel": "a ~1B model for a GPU or TPU",
+    "python -m rallrec_jax.bench compile": "compiles an 8B decoder's training step and scorer "
+                                           "in both layouts: minutes on 2 cores",
     "python -m rallrec_jax.bench lightgcn": "needs ML-100K; LightGCN on 1M interactions takes "
                                             "about 8 minutes",
     "python -m rallrec_jax.bench index": "exact search of 1M x 128 vectors takes minutes",

@@ -71,9 +71,11 @@ def test_p_yes_matches_full_logits(lms, name):
   assert got.dtype == np.float32 and logits.shape == (5, 2)
 
 
+@pytest.mark.parametrize("scan", ["false", "true"])
 @pytest.mark.parametrize("name", KINDS)
-def test_p_yes_matches_transformers(folders, lms, name):
-  lm, model = lms[name], folders[name][1]
+def test_p_yes_matches_transformers(folders, lms, name, scan):
+  folder, model = folders[name]
+  lm = lms[name] if scan == "false" else load_pretrained(folder, scan_layers=scan)
   yes, no = lm.yes_no_tokens()
   ids, mask = _left_padded(lm, PROMPTS[:5])
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
@@ -135,11 +137,12 @@ def test_score_prompts_edge_cases(lms):
     score.score_prompts(lm, ["Yes", ""], chat=False, progress=False)
 
 
-@pytest.mark.parametrize("shape,rows", [((("data", 8),), 8),
-                                        ((("data", 2), ("fsdp", 2), ("tensor", 2)), 4)])
-def test_score_prompts_on_a_mesh(folders, lms, monkeypatch, shape, rows):
+@pytest.mark.parametrize("shape,rows,scan", [
+    ((("data", 8),), 8, "false"), ((("data", 2), ("fsdp", 2), ("tensor", 2)), 4, "false"),
+    ((("data", 2), ("fsdp", 2), ("tensor", 2)), 4, "true")])
+def test_score_prompts_on_a_mesh(folders, lms, monkeypatch, shape, rows, scan):
   mesh = parallel.make_mesh(shape)
-  sharded = load_pretrained(folders["llama"][0], mesh=mesh)
+  sharded = load_pretrained(folders["llama"][0], mesh=mesh, scan_layers=scan)
   assert len(sharded.params["embed_tokens"]["embedding"].sharding.device_set) == 8
   expected = score.score_prompts(lms["llama"], PROMPTS, batch_size=4, bucket=8, progress=False)
   calls = _recording(monkeypatch)

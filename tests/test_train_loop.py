@@ -1,4 +1,5 @@
 """The LoRA training loop: learning, exact resume, completion, accumulation, resharding."""
+import dataclasses
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import pytest
 
 from rallrec_jax import parallel
 from rallrec_jax.llm import load_pretrained, lora
+from rallrec_jax.llm.model import unstack_layers
 from rallrec_jax.train import fit, loop
 from tests.llm_fixtures import tiny_hf_model
 
@@ -120,6 +122,28 @@ def test_rerun_of_complete_run_trains_nothing(lm, full_run, caplog):
   assert "ALREADY COMPLETE" in caplog.text
   assert (workdir / "metrics.jsonl").read_text() == before
   assert_same_adapters(again["weights"], summary["weights"], 0)
+
+
+def test_resume_in_the_other_layout_matches_uninterrupted_run(lm, folder, full_run, tmp_path):
+  scanned = load_pretrained(folder, scan_layers="true")
+  first = run(scanned, tmp_path, eval_fn=preempt_on_first_eval)
+  assert first["status"] == "preempted" and "layers" in first["weights"]
+  second = run(lm, tmp_path)
+  assert second["status"] == "complete" and second["step"] == STEPS
+  assert_same_adapters(second["weights"], full_run[1]["weights"], 1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_checkpoints_hold_layers_apart_in_either_layout(lm, folder, tmp_path, method):
+  scanned = load_pretrained(folder, scan_layers="true")
+  lora_cfg = dataclasses.replace(LORA, layers=1) if method == "lora" else None
+  summary = fit(scanned, lora_cfg, batches(4), steps=2, lr=LR,
+                checkpoint_dir=tmp_path / "checkpoints", save_every=1, progress=False)
+  per_layer = unstack_layers(summary["weights"], lm.cfg.num_layers)
+  unrolled, _ = loop.restore_weights(lm, lora_cfg, tmp_path / "checkpoints", "latest")
+  assert_same_adapters(unrolled, per_layer, 0)
+  restacked, _ = loop.restore_weights(scanned, lora_cfg, tmp_path / "checkpoints", "latest")
+  assert_same_adapters(restacked, summary["weights"], 0)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

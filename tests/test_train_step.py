@@ -8,18 +8,19 @@ import pytest
 from rallrec_jax.llm import hf_io, lora, losses
 from rallrec_jax.llm.api import LM
 from rallrec_jax.llm.config import LMConfig
+from rallrec_jax.llm.model import unstack_layers
 from rallrec_jax.train import loop, step as step_lib
 from tests.llm_fixtures import tiny_hf_model
 
 YES, NO = 4, 5
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  """(cfg, params, torch model) of a tiny random llama."""
+@pytest.fixture(scope="module", params=["unrolled", "scanned"])
+def tiny(request, tmp_path_factory):
+  """(cfg, params, torch model) of a tiny random llama, in either layout."""
   folder = tmp_path_factory.mktemp("tiny_llama")
   torch_model = tiny_hf_model(folder, "llama", with_tokenizer=False)
-  cfg = LMConfig.from_folder(folder)
+  cfg = LMConfig.from_folder(folder, scan_layers="true" if request.param == "scanned" else "false")
   return cfg, hf_io.load_params(folder, cfg), torch_model
 
 
@@ -124,10 +125,11 @@ def test_full_fine_tuning_lm_loss_is_the_plain_next_token_loss(tiny):
 def test_top_layer_lora_adapts_only_the_last_layers(tiny):
   cfg, params, _ = tiny
   top = lora.LoraConfig(rank=4, dropout=0.0, targets=("q_proj", "down_proj"), layers=1)
-  adapters = lora.init(jax.random.key(0), cfg, top)
+  adapters = unstack_layers(lora.init(jax.random.key(0), cfg, top), cfg.num_layers)
   assert sorted(adapters) == [f"layers_{cfg.num_layers - 1}"]
   state, metrics = one_step(cfg, params, top, "answer", left_padded(), lr=1.0)
-  b = state["weights"][f"layers_{cfg.num_layers - 1}"]["self_attn"]["q_proj"]["b"]
+  weights = unstack_layers(state["weights"], cfg.num_layers)
+  b = weights[f"layers_{cfg.num_layers - 1}"]["self_attn"]["q_proj"]["b"]
   assert float(jnp.max(jnp.abs(b))) > 0 and np.isfinite(float(metrics["loss"]))
   with pytest.raises(ValueError, match="layers=-1"):
     lora.LoraConfig(layers=-1)

@@ -6,6 +6,8 @@ with the competitor measured in the same run and the ratio.
                                                         float32 and bfloat16
   python -m rallrec_jax.bench control --workdir W       our trainer vs transformers (+ PEFT)
   python -m rallrec_jax.bench llm-accel [--seq 1024]    ~1B decoder on an accelerator: MFU
+  python -m rallrec_jax.bench compile [--layers 32]     8B decoder's compile time on the CPU:
+                                                        scanned layers vs unrolled
   python -m rallrec_jax.bench lightgcn [--ml100k DIR]   LightGCN epoch time
   python -m rallrec_jax.bench index                     ScaNN vs exact search, 1M x 128
   python -m rallrec_jax.bench retrieve                  history retrieval over 1M samples
@@ -102,6 +104,10 @@ def main(argv=None):
     from rallrec_jax.benchmarks import accel as bench_accel  # pylint: disable=import-outside-toplevel
     bench_accel.main(argv[1:])
     return
+  if argv[:1] == ["compile"]:  # its own parser too
+    from rallrec_jax.benchmarks import compile as bench_compile  # pylint: disable=import-outside-toplevel
+    bench_compile.main(argv[1:])
+    return
   parser = argparse.ArgumentParser(prog="python -m rallrec_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="bench", required=True)
@@ -144,6 +150,9 @@ def main(argv=None):
   sub.add_parser("llm-accel", add_help=False,
                  help="~1B decoder on a GPU/TPU: LoRA step and scoring MFU "
                       "(llm-accel --help for its options)")
+  sub.add_parser("compile", add_help=False,
+                 help="8B decoder's compile time on the CPU, scanned layers vs unrolled "
+                      "(compile --help for its options)")
   lightgcn = sub.add_parser("lightgcn", help="LightGCN epoch time")
   lightgcn.add_argument("--ml100k", default=None, help="MovieLens 100K folder")
   sub.add_parser("index", help="ScaNN against exact search on 1M x 128 vectors")

@@ -29,6 +29,7 @@ import numpy as np
 from rallrec_jax import data
 from rallrec_jax.eval import evaluate, metrics
 from rallrec_jax.llm import api, lora, score, tokenizer as tokenizer_lib
+from rallrec_jax.llm.model import unstack_layers
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import history
 from rallrec_jax.train import batches as batches_lib, loop, sets, step as step_lib
@@ -112,6 +113,7 @@ def peft_model(model_dir, adapters, lora_cfg, dtype="float32"):
   if lora_cfg.dropout:
     raise ValueError("the control needs LoRA dropout 0: the two sides would draw other masks")
   model = hf_model(model_dir, dtype)
+  adapters = unstack_layers(adapters, model.config.num_hidden_layers)
   layers = None
   if lora_cfg.layers:
     layers = list(range(model.config.num_hidden_layers - lora_cfg.layers,
@@ -181,16 +183,17 @@ def p_yes_theirs(model, batches, answer_ids):
 
 
 def control(model_dir, batches, lora_cfg, opt, eval_batches=(), dtype="float32",
-            answer_ids=None, seed=0):
+            answer_ids=None, seed=0, scan_layers="auto"):
   """Train both sides from the same adapters; their per-step losses and held-out P(yes).
 
   `lora_cfg` None fine-tunes every weight of both models (ours from a float32 copy).
+  `scan_layers` is our decoder's layout (`LMConfig.scan_layers`).
 
   `batches` are dicts of left-padded int [B, T] "input_ids", "attention_mask" and [B] "label",
   used in order (cycled when `opt.steps` is longer); `eval_batches` the same, scored after
   training. `answer_ids` default to the folder tokenizer's (yes, no) tokens.
   """
-  lm = api.load_pretrained(model_dir, dtype=dtype)
+  lm = api.load_pretrained(model_dir, dtype=dtype, scan_layers=scan_layers)
   answer_ids = tuple(int(i) for i in (answer_ids or lm.yes_no_tokens()))
   if lora_cfg is None:
     adapters = step_lib.initial_weights(None, lm, None)

@@ -58,14 +58,16 @@ def on_nvidia_gpu(mesh=None):
 
 
 def load_pretrained(path, dtype="float32", param_dtype=None, mesh=None,
-                    rules=parallel.DEFAULT_RULES, remat="none", attention=""):
+                    rules=parallel.DEFAULT_RULES, remat="none", attention="", scan_layers="auto"):
   """Load a Hugging Face model folder (config.json, safetensors, tokenizer), offline.
 
   `dtype` is the compute dtype; params default to it too. With a `mesh`, every param is read
-  shard by shard straight into its sharding.
+  shard by shard straight into its sharding. `scan_layers` picks the layers' layout (see
+  `LMConfig.scanned`).
   """
   cfg = LMConfig.from_folder(path, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
-                             attention=attention, nvidia_gpu=on_nvidia_gpu(mesh))
+                             attention=attention, scan_layers=scan_layers,
+                             nvidia_gpu=on_nvidia_gpu(mesh))
   shardings = hf_io.param_shardings(cfg, mesh, rules)
   params = hf_io.load_params(path, cfg, shardings)
   return LM(cfg=cfg, params=params, tokenizer=tokenizer_lib.load(path), mesh=mesh, rules=rules)

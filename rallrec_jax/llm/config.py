@@ -6,6 +6,8 @@ from pathlib import Path
 SUPPORTED = ("llama", "mistral", "qwen2")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("", "xla", "cudnn")
+SCAN_LAYERS = ("auto", "true", "false")
+SCAN_AUTO_MIN_LAYERS = 5  # "auto" scans stacks of at least this many layers
 
 
 class CheckpointError(ValueError):
@@ -36,6 +38,7 @@ class LMConfig:
   remat: str = "none"               # none | full | dots (save matmul outputs)
   attention: str = ""               # xla | cudnn; "": cudnn for 16-bit prefill on NVIDIA GPUs
   nvidia_gpu: bool = False          # the model runs on NVIDIA GPUs (set at load, for attention="")
+  scan_layers: str = "auto"         # auto | true | false: the layers as one scan (see `scanned`)
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -45,6 +48,16 @@ class LMConfig:
       raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+    if self.scan_layers not in SCAN_LAYERS:
+      raise ValueError(f"scan_layers={self.scan_layers!r} is not one of {SCAN_LAYERS}")
+
+  @property
+  def scanned(self):
+    """Whether the layers run as one scan over params stacked on a leading "layers" axis
+    (compiled once, whatever the depth) rather than unrolled (one copy per layer)."""
+    if self.scan_layers == "auto":
+      return self.num_layers >= SCAN_AUTO_MIN_LAYERS
+    return self.scan_layers == "true"
 
   @property
   def rope(self):

@@ -10,6 +10,7 @@ import typing
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rallrec_jax import parallel
 from rallrec_jax.llm import tokenizer as tokenizer_lib
@@ -22,18 +23,28 @@ NUCLEUS_CANDIDATES = 256     # top-p draws from these when they hold top_p of th
 
 class DecodeState(typing.NamedTuple):
   """What a decode step needs besides the token: the cache, its real slots, the next positions."""
-  cache: list
+  cache: list | dict
   kv_mask: jax.Array
   position: jax.Array
 
 
 def init_cache(cfg, batch, length, dtype=None, sharding=None):
-  """A zeroed KV cache: one {"k", "v"} of [batch, length, kv_heads, head_dim] per layer."""
+  """A zeroed KV cache: one {"k", "v"} of [batch, length, kv_heads, head_dim] per layer, or in
+  the scanned layout one {"k", "v"} of [layers, batch, length, kv_heads, head_dim].
+
+  `sharding` is that of one layer's array; a stack adds an unsharded leading axis.
+  """
   shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  if cfg.scanned:
+    shape = (cfg.num_layers,) + shape
+    if sharding is not None:
+      sharding = NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
 
   def zeros():
     array = jnp.zeros(shape, dtype or cfg.dtype)
     return array if sharding is None else jax.lax.with_sharding_constraint(array, sharding)
+  if cfg.scanned:
+    return {"k": zeros(), "v": zeros()}
   return [{"k": zeros(), "v": zeros()} for _ in range(cfg.num_layers)]
 
 
@@ -57,7 +68,8 @@ def prefill(cfg, params, input_ids, attention_mask, cache):
   """Run the left-padded prompts through slots 0..T-1; the next-token logits and decode state."""
   b, t = input_ids.shape
   mask = attention_mask.astype(jnp.int32)
-  kv_mask = jnp.zeros((b, cache[0]["k"].shape[1]), jnp.int32).at[:, :t].set(mask)
+  length = (cache["k"] if cfg.scanned else cache[0]["k"]).shape[-3]
+  kv_mask = jnp.zeros((b, length), jnp.int32).at[:, :t].set(mask)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   return _last_logits(cfg, params, input_ids, positions,
                       DecodeState(cache, kv_mask, positions[:, -1] + 1), 0)

@@ -3,6 +3,8 @@
 Loading builds each parameter with `jax.make_array_from_callback`: every device's shard is
 read from the memory-mapped safetensors file and converted on its own, straight into the
 target sharding. Missing, unexpected or wrongly shaped tensors are errors naming the tensor.
+In the scanned layout a param stacks one tensor per layer, read layer by layer into its shard
+(and written back one per layer at export).
 """
 import json
 import shutil
@@ -129,19 +131,34 @@ def load_params(folder, cfg, shardings=None):
                           f"for a {cfg.model_type} model with this config")
   params = {}
   dtype = jnp.dtype(cfg.param_dtype)
-  for path, (name, transform) in table.items():
-    shape = boxed[path].shape
-    hf = checkpoint.tensor(name)
-    want = _to_hf(transform, np.empty(shape, np.int8)).shape
-    if tuple(hf.shape) != tuple(want):
-      raise CheckpointError(f"{checkpoint.file(name)}: tensor {name!r} has shape "
-                            f"{tuple(hf.shape)}, the config needs {tuple(want)}")
+  for path, abstract in boxed.items():
+    stacked = path[0] == "layers"
+    rows = _layer_rows(table, path, cfg.num_layers) if stacked else [table[path]]
+    shape = abstract.shape[1:] if stacked else abstract.shape
+    tensors = []
+    for name, transform in rows:
+      hf = checkpoint.tensor(name)
+      want = _to_hf(transform, np.empty(shape, np.int8)).shape
+      if tuple(hf.shape) != tuple(want):
+        raise CheckpointError(f"{checkpoint.file(name)}: tensor {name!r} has shape "
+                              f"{tuple(hf.shape)}, the config needs {tuple(want)}")
+      tensors.append((hf, transform))
 
-    def read(index, hf=hf, transform=transform, shape=shape):
-      return transform(hf, index, shape).astype(dtype)
+    def read(index, tensors=tensors, stacked=stacked, shape=shape):
+      if not stacked:
+        hf, transform = tensors[0]
+        return transform(hf, index, shape).astype(dtype)
+      layers = _norm(index[:1], (len(tensors),))[0]
+      return np.stack([transform(hf, index[1:], shape)
+                       for hf, transform in tensors[layers]]).astype(dtype)
 
-    params[path] = jax.make_array_from_callback(shape, targets[path], read)
+    params[path] = jax.make_array_from_callback(abstract.shape, targets[path], read)
   return traverse_util.unflatten_dict(params)
+
+
+def _layer_rows(table, path, num_layers):
+  """[(HF tensor name, transform)] of each layer's slice of the stacked param at `path`."""
+  return [table[(f"layers_{i}",) + path[1:]] for i in range(num_layers)]
 
 
 def export(params, cfg, folder, tokenizer_from=None, dtype="float32"):
@@ -152,10 +169,14 @@ def export(params, cfg, folder, tokenizer_from=None, dtype="float32"):
   np_dtype = jnp.dtype(dtype)
   tensors = {}
   for path, (name, transform) in key_table(cfg).items():
+    layer = None
+    if cfg.scanned and path[0].startswith("layers_"):
+      layer, path = int(path[0].split("_")[1]), ("layers",) + path[1:]
     array = flat[path]
-    shape = _to_hf(transform, np.empty(array.shape, np.int8)).shape
-    tensors[name] = (shape, np_dtype,
-                     lambda a=array, t=transform: _to_hf(t, np.asarray(jax.device_get(a))))
+    shape = _to_hf(transform, np.empty(array.shape[layer is not None:], np.int8)).shape
+    # One layer at a time is sliced off a stacked param, so the export holds one extra layer.
+    tensors[name] = (shape, np_dtype, lambda a=array, t=transform, i=layer: _to_hf(
+        t, np.asarray(jax.device_get(a if i is None else a[i]))))
   safetensors_io.save(folder / "model.safetensors", tensors)
   hf = cfg.to_hf()
   hf["torch_dtype"] = str(np_dtype)

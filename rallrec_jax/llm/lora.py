@@ -4,10 +4,16 @@ The base params stay untouched: `apply` runs the ordinary `Decoder` with a
 `flax.linen.intercept_methods` hook that adds scale * dropout(x) @ A @ B to the output of every
 targeted projection. Adapters are a separate small pytree that mirrors the param paths of the
 targeted modules, {"layers_0": {"self_attn": {"q_proj": {"a": [*in_dims, r], "b": [r, *out]}}}},
-so they can be differentiated, sharded and saved on their own. A is drawn as PEFT draws it
-(kaiming-uniform), B starts at zero, so a fresh adapter leaves the model exactly as it was.
+so they can be differentiated, sharded and saved on their own. In the decoder's scanned layout
+they stack the adapted layers like the params: {"layers": {... {"a": [n, *in_dims, r], ...}}}
+for the last n layers. `apply` hands them to the decoder as the variable collection "lora",
+which reaches every projection (per layer, inside the scan) beside its params. A is drawn as
+PEFT draws it (kaiming-uniform), B starts at zero, so a fresh adapter leaves the model exactly
+as it was. Saved adapters name each layer's tensors apart in either layout.
 """
+from collections.abc import Mapping
 import dataclasses
+import functools
 import json
 import math
 import zlib
@@ -22,14 +28,14 @@ import numpy as np
 from rallrec_jax import atomic, parallel
 from rallrec_jax.llm import hf_io, safetensors_io
 from rallrec_jax.llm.config import CheckpointError, LMConfig
-from rallrec_jax.llm.model import Decoder
+from rallrec_jax.llm.model import Decoder, stack_layers, unstack_layers
 
 # Projection name -> how many trailing input axes its kernel contracts.
 IN_NDIM = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
            "down_proj": 1}
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
-# Tokens per chunk of the training loss's vocabulary projection.
+COLLECTION = "lora"
 # The LMConfig fields that fix the adapters' shapes, stored beside them.
 BASE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
                "num_heads", "num_kv_heads", "head_dim", "tie_word_embeddings", "qkv_bias")
@@ -65,12 +71,19 @@ def _path_id(path):
   return zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF
 
 
+def first_adapted(cfg, lora_cfg):
+  """The first decoder layer that carries adapters."""
+  return cfg.num_layers - lora_cfg.layers if lora_cfg.layers else 0
+
+
 def adapted_layer(cfg, lora_cfg, module_name):
-  """Whether decoder module `module_name` ("layers_7", "norm", ...) carries adapters."""
+  """Whether decoder module `module_name` ("layers_7", "norm", ...; "layers", the scanned
+  stack) carries adapters."""
+  if module_name == "layers":
+    return True
   if not module_name.startswith("layers_"):
     return False
-  first = cfg.num_layers - lora_cfg.layers if lora_cfg.layers else 0
-  return int(module_name.split("_", 1)[1]) >= first
+  return int(module_name.split("_", 1)[1]) >= first_adapted(cfg, lora_cfg)
 
 
 def specs(cfg, lora_cfg):
@@ -85,9 +98,27 @@ def specs(cfg, lora_cfg):
         or not adapted_layer(cfg, lora_cfg, path[0])):
       continue
     n, shape, names = IN_NDIM[path[-2]], leaf.value.shape, tuple(leaf.names)
-    out[path[:-1] + ("a",)] = (shape[:n] + (lora_cfg.rank,), names[:n] + (None,))
-    out[path[:-1] + ("b",)] = ((lora_cfg.rank,) + shape[n:], (None,) + names[n:])
+    lead, lead_names = (), ()
+    if path[0] == "layers":  # a stack of the adapted layers alone
+      lead, lead_names = (cfg.num_layers - first_adapted(cfg, lora_cfg),), names[:1]
+      shape, names = shape[1:], names[1:]
+    out[path[:-1] + ("a",)] = (lead + shape[:n] + (lora_cfg.rank,),
+                               lead_names + names[:n] + (None,))
+    out[path[:-1] + ("b",)] = (lead + (lora_cfg.rank,) + shape[n:],
+                               lead_names + (None,) + names[n:])
   return out
+
+
+def _unrolled(cfg):
+  return dataclasses.replace(cfg, scan_layers="false")
+
+
+def _layer_paths(cfg, lora_cfg, path):
+  """The unrolled paths of each layer of a stacked adapter path (`path` itself if unstacked)."""
+  if path[0] != "layers":
+    return [path]
+  return [(f"layers_{i}",) + path[1:] for i in range(first_adapted(cfg, lora_cfg),
+                                                      cfg.num_layers)]
 
 
 def shardings(cfg, lora_cfg, mesh, rules=parallel.DEFAULT_RULES):
@@ -105,6 +136,15 @@ def _draw(rng, path, shape):
   return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
+def _draw_layers(rng, cfg, lora_cfg, path, shape):
+  """`_draw` of each layer under its unrolled path, stacked for a stacked path: both layouts
+  start from the same adapters."""
+  paths = _layer_paths(cfg, lora_cfg, path)
+  if paths == [path]:
+    return _draw(rng, path, shape)
+  return jnp.stack([_draw(rng, p, shape[1:]) for p in paths])
+
+
 def _single_device_mesh():
   """The one-device mesh that `hf_io.param_shardings` places unsharded params on."""
   return parallel.make_mesh((("data", 1),), jax.devices()[:1])
@@ -115,20 +155,11 @@ def init(rng, cfg, lora_cfg, mesh=None, rules=parallel.DEFAULT_RULES):
   shapes = {path: shape for path, (shape, _) in specs(cfg, lora_cfg).items()}
 
   def build(rng):
-    return traverse_util.unflatten_dict({path: _draw(rng, path, shape) for path, shape in shapes.items()})
+    return traverse_util.unflatten_dict({path: _draw_layers(rng, cfg, lora_cfg, path, shape)
+                                         for path, shape in shapes.items()})
 
   out_shardings = shardings(cfg, lora_cfg, mesh or _single_device_mesh(), rules)
   return jax.jit(build, out_shardings=out_shardings)(rng)
-
-
-def _adapter_at(adapters, path):
-  """The {"a", "b"} pair of the module at `path`, or None if that module is not adapted."""
-  node = adapters
-  for name in path:
-    if not isinstance(node, dict) or name not in node:
-      return None
-    node = node[name]
-  return node if isinstance(node, dict) and "a" in node else None
 
 
 def _delta(x, pair, lora_cfg, rng):
@@ -141,48 +172,68 @@ def _delta(x, pair, lora_cfg, rng):
   return lora_cfg.scale * jnp.tensordot(low, b, axes=1)
 
 
-def _interceptor(adapters, lora_cfg, dropout_rng):
+def _interceptor(lora_cfg):
+  """Adds the delta of a module's own "lora" variables ({"a", "b"} and, for dropout, "rng")."""
   def intercept(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     if context.method_name != "__call__":
       return out
-    path = context.module.path
-    pair = _adapter_at(adapters, path)
-    if pair is None:
+    pair = context.module.variables.get(COLLECTION)
+    if not isinstance(pair, Mapping) or "a" not in pair:
       return out
-    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, _path_id(path))
     x = args[0] if args else kwargs["x"]
-    return out + _delta(x, pair, lora_cfg, rng).astype(out.dtype)
+    return out + _delta(x, pair, lora_cfg, pair.get("rng")).astype(out.dtype)
   return intercept
+
+
+def _with_rngs(cfg, lora_cfg, adapters, dropout_rng):
+  """The adapters with each module's dropout key beside its pair: the key of a layer is that
+  of its unrolled path in either layout, so both draw the same masks."""
+  flat = traverse_util.flatten_dict(adapters)
+  for path in [p[:-1] for p in flat if p[-1] == "a"]:
+    keys = [jax.random.fold_in(dropout_rng, _path_id(p))
+            for p in _layer_paths(cfg, lora_cfg, path)]
+    flat[path + ("rng",)] = jnp.stack(keys) if path[0] == "layers" else keys[0]
+  return traverse_util.unflatten_dict(flat)
 
 
 def apply(cfg, params, adapters, lora_cfg, *args, method=None, dropout_rng=None, **kwargs):
   """`Decoder(cfg).apply` with the adapters added; dropout only when `dropout_rng` is given."""
-  with nn.intercept_methods(_interceptor(adapters, lora_cfg, dropout_rng)):
-    return Decoder(cfg).apply({"params": params}, *args, method=method, **kwargs)
+  if dropout_rng is not None and lora_cfg.dropout > 0:
+    adapters = _with_rngs(cfg, lora_cfg, adapters, dropout_rng)
+  with nn.intercept_methods(_interceptor(lora_cfg)):
+    return Decoder(cfg).apply({"params": params, COLLECTION: adapters}, *args, method=method,
+                              **kwargs)
 
 
 def merge(params, adapters, lora_cfg):
   """Params with W + scale * A @ B folded into each adapted kernel, in the kernel's dtype."""
   flat = traverse_util.flatten_dict(params)
-  for path, a in traverse_util.flatten_dict(adapters).items():
+  pairs = traverse_util.flatten_dict(adapters)
+  for path, a in pairs.items():
     if path[-1] != "a":
       continue
     module = path[:-1]
     kernel = flat[module + ("kernel",)]
-    b = _adapter_at(adapters, module)["b"]
-    delta = jnp.tensordot(a, b, axes=1, precision=jax.lax.Precision.HIGHEST)
-    flat[module + ("kernel",)] = (kernel.astype(jnp.float32)
-                                  + lora_cfg.scale * delta).astype(kernel.dtype)
+    b = pairs[module + ("b",)]
+    product = functools.partial(jnp.tensordot, axes=1, precision=jax.lax.Precision.HIGHEST)
+    if module[0] == "layers":  # a stack of the last layers
+      first = kernel.shape[0] - a.shape[0]
+      merged = kernel.astype(jnp.float32).at[first:].add(lora_cfg.scale * jax.vmap(product)(a, b))
+    else:
+      merged = kernel.astype(jnp.float32) + lora_cfg.scale * product(a, b)
+    flat[module + ("kernel",)] = merged.astype(kernel.dtype)
   return traverse_util.unflatten_dict(flat)
 
 
 def save(adapters, lora_cfg, folder, cfg):
-  """Write adapter.safetensors ("/"-joined names) and adapter_config.json, each atomically."""
+  """Write adapter.safetensors ("/"-joined names, one per layer in either layout) and
+  adapter_config.json, each atomically."""
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
+  per_layer = unstack_layers(adapters, cfg.num_layers)
   tensors = {"/".join(path): (a.shape, np.float32, lambda a=a: np.asarray(jax.device_get(a)))
-             for path, a in traverse_util.flatten_dict(adapters).items()}
+             for path, a in traverse_util.flatten_dict(per_layer).items()}
   safetensors_io.save(folder / WEIGHTS, tensors, {"format": "rallrec-lora"})
   meta = {"lora": dataclasses.asdict(lora_cfg),
           "base": {f: getattr(cfg, f) for f in BASE_FIELDS}}
@@ -204,25 +255,27 @@ def _read_config(folder):
 def load(folder, cfg=None, mesh=None, rules=parallel.DEFAULT_RULES, rank=None):
   """(adapters, LoraConfig) from `save`'s folder, checked against the base model `cfg`.
 
-  Without `cfg` the adapters are checked against the base config stored beside them. `rank`,
-  when given, is the rank the caller expects. A tensor that is missing, unexpected or of the
-  wrong shape for this base model and rank is a CheckpointError naming it.
+  Without `cfg` the adapters are checked against (and laid out for) the base config stored
+  beside them, in `scan_layers="auto"`'s layout. `rank`, when given, is the rank the caller
+  expects. A tensor that is missing, unexpected or of the wrong shape for this base model and
+  rank is a CheckpointError naming it.
   """
   lora_cfg, stored_base = _read_config(folder)
   if not (Path(folder) / WEIGHTS).is_file():
     raise CheckpointError(f"{Path(folder) / WEIGHTS}: missing")
+  base = cfg or stored_base
   expected_cfg = lora_cfg if rank is None else dataclasses.replace(lora_cfg, rank=rank)
-  expected = {"/".join(p): shape for p, (shape, _) in specs(cfg or stored_base,
+  expected = {"/".join(p): shape for p, (shape, _) in specs(_unrolled(base),
                                                             expected_cfg).items()}
   file = safetensors_io.SafetensorsFile(Path(folder) / WEIGHTS)
   _check(file, expected, expected_cfg)
-  targets = traverse_util.flatten_dict(shardings(cfg or stored_base, expected_cfg, mesh or _single_device_mesh(),
-                               rules))
-  flat = {}
-  for name in expected:
-    path = tuple(name.split("/"))
-    flat[path] = jax.device_put(np.array(file.tensor(name), np.float32), targets[path])
-  return traverse_util.unflatten_dict(flat), lora_cfg
+  arrays = traverse_util.unflatten_dict({tuple(name.split("/")): np.array(file.tensor(name),
+                                                                          np.float32)
+                                         for name in expected})
+  if base.scanned:
+    arrays = stack_layers(arrays)
+  targets = shardings(base, expected_cfg, mesh or _single_device_mesh(), rules)
+  return jax.tree.map(jax.device_put, arrays, targets), lora_cfg
 
 
 def _check(file, expected, lora_cfg):

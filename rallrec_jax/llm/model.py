@@ -5,16 +5,23 @@ Every parameter and the main activations carry logical axis names ("batch", "len
 them to mesh axes. Parameter names follow the Hugging Face module tree (layers_i/self_attn/
 q_proj, ...) so that checkpoint conversion is a table.
 
+Two layouts of the layers (`LMConfig.scanned`): unrolled, one subtree "layers_i" per layer, or
+scanned, one subtree "layers" whose leaves stack every layer's on a leading "layers" axis, run
+by one `jax.lax.scan` so that compilation does not grow with depth. The two compute the same.
+
 A KV cache, when given, is a list (one entry per layer) of {"k", "v"} arrays
-[batch, cache_len, kv_heads, head_dim]; `cache_index` is the slot where this call's first
-token goes, and `kv_mask` [batch, cache_len] marks the slots that hold real tokens. Attention
-runs through `jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPUs.
+[batch, cache_len, kv_heads, head_dim], or in the scanned layout one such dict whose arrays
+have a leading layers axis; `cache_index` is the slot where this call's first token goes, and
+`kv_mask` [batch, cache_len] marks the slots that hold real tokens. Attention runs through
+`jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPUs.
 """
 import math
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rallrec_jax.llm import rope
 
@@ -31,10 +38,11 @@ HEADS = ("batch", "length", "heads", "head_dim")
 MLP_HIDDEN = ("batch", "length", "mlp")
 # Logical axes of every param: one mesh axis may shard at most one dimension of each
 # (`parallel.check_rules`), else a param meant to be split would silently stay whole.
-PARAM_AXES = (("vocab", "embed"), ("embed", "vocab"), ("norm",),
-              ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim"),
-              ("heads", "head_dim", "embed"), ("heads", "head_dim"), ("kv_heads", "head_dim"),
-              ("embed", "mlp"), ("mlp", "embed"))
+_LAYER_PARAM_AXES = (("norm",), ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim"),
+                     ("heads", "head_dim", "embed"), ("heads", "head_dim"),
+                     ("kv_heads", "head_dim"), ("embed", "mlp"), ("mlp", "embed"))
+PARAM_AXES = (("vocab", "embed"), ("embed", "vocab"), *_LAYER_PARAM_AXES,
+              *(("layers", *names) for names in _LAYER_PARAM_AXES))
 
 
 def _init(names, scale=INIT_STD):
@@ -159,14 +167,17 @@ class Decoder(nn.Module):
     self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                                  param_dtype=cfg.param_dtype,
                                  embedding_init=_init(("vocab", "embed")))
-    block = Block
-    if cfg.remat != "none":
-      block = nn.remat(Block, policy=_REMAT[cfg.remat], prevent_cse=True)
-    self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.inv_freq = rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope)
+    if cfg.scanned:
+      self.stacked = self.param("layers", _stacked_init(cfg, self.inv_freq))
+    else:
+      block = Block
+      if cfg.remat != "none":
+        block = nn.remat(Block, policy=_REMAT[cfg.remat], prevent_cse=True)
+      self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.norm = RMSNorm(cfg)
     if not cfg.tie_word_embeddings:
       self.lm_head = _dense(cfg, cfg.vocab_size, -1, ("embed", "vocab"), "lm_head")
-    self.inv_freq = rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope)
 
   def hidden(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0,
              kv_mask=None):
@@ -182,11 +193,46 @@ class Decoder(nn.Module):
     mask = _mask(query_slots, kv_mask)
     sin, cos = rope.sin_cos(positions, self.inv_freq)
     x = nn.with_logical_constraint(self.embed_tokens(input_ids), HIDDEN)
+    if self.cfg.scanned:
+      x, new_cache = self._scan(x, sin, cos, mask, cache, cache_index)
+      return self.norm(x), new_cache
     new_cache = []
     for i, layer in enumerate(self.layers):
       x, layer_cache = layer(x, sin, cos, mask, None if cache is None else cache[i], cache_index)
       new_cache.append(layer_cache)
     return self.norm(x), (None if cache is None else new_cache)
+
+  def _scan(self, x, sin, cos, mask, cache, cache_index):
+    """The scanned layers: (x, new cache or None).
+
+    Variables of other collections under "layers" (LoRA adapters) are sliced per layer with
+    the params; when they stack only the last n layers, the layers below run as a scan of
+    their own, which autodiff leaves alone when nothing in it is differentiated.
+    """
+    cfg = self.cfg
+    extra = {name: tree["layers"] for name, tree in self.variables.items()
+             if name != "params" and "layers" in tree}
+    depth = {leaf.shape[0] for leaf in jax.tree.leaves(extra)} or {cfg.num_layers}
+    if len(depth) > 1 or max(depth) > cfg.num_layers:
+      raise ValueError(f"per-layer variables stack {sorted(depth)} layers, the decoder has "
+                       f"{cfg.num_layers}")
+    first = cfg.num_layers - depth.pop()
+
+    def body(x, xs):
+      variables, layer_cache = xs
+      return Block(cfg, parent=None).apply(variables, x, sin, cos, mask, layer_cache, cache_index)
+
+    if cfg.remat != "none":
+      body = jax.checkpoint(body, policy=_REMAT[cfg.remat])
+    caches = []
+    if first:
+      x, below = _scan_slice(body, x, self.stacked, {}, cache, 0, first)
+      caches.append(below)
+    x, above = _scan_slice(body, x, self.stacked, extra, cache, first, cfg.num_layers)
+    caches.append(above)
+    if cache is None:
+      return x, None
+    return x, jax.tree.map(lambda *parts: jnp.concatenate(parts), *caches)
 
   def token_embeddings(self, input_ids):
     """Input embedding rows [B, T, embed] of the tokens (no layer applied)."""
@@ -207,6 +253,66 @@ class Decoder(nn.Module):
   def __call__(self, input_ids, attention_mask=None, positions=None):
     hidden, _ = self.hidden(input_ids, attention_mask, positions)
     return self.project(hidden)
+
+
+def _stacked_init(cfg, inv_freq):
+  """Init of the scanned layers' params: each layer drawn on its own, stacked on a leading
+  axis named "layers"."""
+  def init(rng):
+    x = jnp.zeros((1, 1, cfg.hidden_size), cfg.dtype)
+    sin, cos = rope.sin_cos(jnp.zeros((1, 1), jnp.int32), inv_freq)
+    mask = jnp.ones((1, 1, 1, 1), bool)
+    layers = jax.vmap(lambda key: Block(cfg, parent=None).init(key, x, sin, cos, mask)["params"])(
+        jax.random.split(rng, cfg.num_layers))
+    return jax.tree.map(lambda box: box.add_axis(0, {nn.PARTITION_NAME: "layers"}), layers,
+                        is_leaf=lambda v: isinstance(v, nn.meta.AxisMetadata))
+  return init
+
+
+def _scan_slice(body, x, params, extra, cache, start, stop):
+  """Layers start..stop-1 as one scan: (x, their new cache or None).
+
+  `extra` holds the other collections' per-layer variables of exactly these layers. A slice
+  short of the whole stack gathers each layer's params inside the loop rather than slicing the
+  stack, which would copy it.
+  """
+  depth = jax.tree.leaves(params)[0].shape[0]
+  layer_cache = None if cache is None else jax.tree.map(lambda a: a[start:stop], cache)
+  if stop - start == depth:
+    xs = (params, extra, layer_cache)
+    return jax.lax.scan(lambda x, xs: body(x, ({"params": xs[0], **xs[1]}, xs[2])), x, xs)
+
+  def gathered(x, xs):
+    index, layer_extra, layer_cache = xs
+    layer = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
+                         params)
+    return body(x, ({"params": layer, **layer_extra}, layer_cache))
+  return jax.lax.scan(gathered, x, (jnp.arange(start, stop), extra, layer_cache))
+
+
+def stack_layers(tree):
+  """`tree` (a dict) with its "layers_i" subtrees as one "layers" subtree whose leaves stack
+  theirs in layer order on a new leading axis: the scanned layout of unrolled params (or of
+  adapters of the last n layers)."""
+  index = {int(m.group(1)): k for k in tree if (m := re.fullmatch(r"layers_(\d+)", k))}
+  if not index:
+    return tree
+  out = {k: v for k, v in tree.items() if k not in index.values()}
+  parts = [tree[index[i]] for i in sorted(index)]
+  out["layers"] = jax.tree.map(lambda *a: (np.stack if isinstance(a[0], np.ndarray)
+                                           else jnp.stack)(a), *parts)
+  return out
+
+
+def unstack_layers(tree, num_layers):
+  """The inverse of `stack_layers`: a "layers" stack of n covers the last n of `num_layers`."""
+  if "layers" not in tree:
+    return tree
+  out = {k: v for k, v in tree.items() if k != "layers"}
+  n = jax.tree.leaves(tree["layers"])[0].shape[0]
+  for j in range(n):
+    out[f"layers_{num_layers - n + j}"] = jax.tree.map(lambda a, j=j: a[j], tree["layers"])
+  return out
 
 
 def _implementation(cfg, q, cache):

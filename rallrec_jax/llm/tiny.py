@@ -71,7 +71,8 @@ def build(folder, texts=(), *, hidden_size=64, num_layers=2, num_heads=4, num_kv
                  num_kv_heads=num_kv_heads, head_dim=hidden_size // num_heads,
                  rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192,
                  bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,),
-                 pad_token_id=tok.pad_token_id)
+                 pad_token_id=tok.pad_token_id, scan_layers="false")
+  # Drawn by the unrolled layout's init at any depth: a seed gives the weights it always gave.
   ids = jnp.zeros((1, 1), jnp.int32)
   params = nn.meta.unbox(jax.jit(lambda r: Decoder(cfg).init(r, ids))(jax.random.key(seed)))
   params = jax.tree_util.tree_map_with_path(
