@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from rallrec_jax import config as config_lib, parallel
-from rallrec_jax.llm import hf_io, model
+from rallrec_jax.llm import model
 from rallrec_jax.llm.config import LMConfig
 from tests.conftest import REPO
 
@@ -169,7 +169,7 @@ def test_model_rules_default_to_the_table_and_cover_every_array_of_the_model():
     lm_cfg = LMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
                       num_heads=2, num_kv_heads=1, head_dim=8, qkv_bias=True, scan_layers=scan)
     names = {tuple(leaf.names) for leaf in jax.tree.leaves(
-        hf_io.abstract_params(lm_cfg), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))}
+        model.abstract_params(lm_cfg), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))}
     assert names <= set(model.PARAM_AXES)
     assert any(n[0] == "layers" for n in names) == (scan == "true")
   assert config_lib.EXECUTION_KEYS.count("model.rules") == 1
@@ -181,8 +181,8 @@ def test_model_rules_reach_the_param_shardings():
   mesh = parallel.make_mesh((("fsdp", 2), ("tensor", 2)), jax.devices()[:4])
   lm_cfg = LMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
                     num_heads=2, num_kv_heads=2, head_dim=8)
-  shard = hf_io.param_shardings(lm_cfg, mesh, config_lib.model_rules(cfg.model))
-  default = hf_io.param_shardings(lm_cfg, mesh)
+  shard = model.param_shardings(lm_cfg, mesh, config_lib.model_rules(cfg.model))
+  default = model.param_shardings(lm_cfg, mesh)
   up = ("layers_0", "mlp", "up_proj", "kernel")
   assert tuple(default[up[0]][up[1]][up[2]][up[3]].spec) == ("fsdp", "tensor")
   assert tuple(shard[up[0]][up[1]][up[2]][up[3]].spec) == (None, "tensor")

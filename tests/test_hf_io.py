@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 from rallrec_jax import parallel
 from rallrec_jax.llm import hf_io, lora
 from rallrec_jax.llm.config import CheckpointError, LMConfig
-from rallrec_jax.llm.model import Decoder, stack_layers
+from rallrec_jax.llm.model import Decoder, param_shardings, stack_layers
 from tests.llm_fixtures import random_batch, tiny_hf_model
 
 IDS, MASK = random_batch(64, batch=4, pad_right=(0, 4, 7, 2))
@@ -132,7 +132,7 @@ def test_load_into_mesh(good):
   folder, _ = good
   mesh = parallel.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))
   cfg, single, expected = ours(folder)
-  _, params, got = ours(folder, hf_io.param_shardings(cfg, mesh))
+  _, params, got = ours(folder, param_shardings(cfg, mesh))
   checks = {("embed_tokens", "embedding"): ("tensor", "fsdp"),
             ("layers_0", "mlp", "gate_proj", "kernel"): ("fsdp", "tensor"),
             ("layers_1", "mlp", "down_proj", "kernel"): ("tensor", "fsdp"),
@@ -152,7 +152,7 @@ def test_load_stacked_layers_into_mesh(good):
   mesh = parallel.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))
   _, single, expected = ours(folder)
   cfg, params, got = ours(folder, scan="true")
-  _, sharded, got_sharded = ours(folder, hf_io.param_shardings(cfg, mesh), scan="true")
+  _, sharded, got_sharded = ours(folder, param_shardings(cfg, mesh), scan="true")
   up = sharded["layers"]["mlp"]["up_proj"]["kernel"]
   assert tuple(up.sharding.spec) == (None, "fsdp", "tensor")
   assert up.addressable_shards[0].data.shape == (2, 16, 24)

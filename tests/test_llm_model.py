@@ -13,7 +13,7 @@ from safetensors import numpy as safetensors_numpy
 from rallrec_jax import parallel
 from rallrec_jax.llm import LMConfig, load_pretrained
 from rallrec_jax.llm import generate, hf_io, lora, tiny
-from rallrec_jax.llm.model import Decoder, stack_layers
+from rallrec_jax.llm.model import Decoder, abstract_params, stack_layers
 from tests.llm_fixtures import random_batch, tiny_hf_model
 
 torch = pytest.importorskip("torch")
@@ -167,7 +167,7 @@ def _close(got, want, tol):
 def test_scanned_layers_equal_unrolled(remat):
   unrolled, params, scanned, stacked = _both_layouts(remat)
   assert scanned.scanned and set(stacked) == {"embed_tokens", "layers", "norm", "lm_head"}
-  abstract = hf_io.abstract_params(scanned)["layers"]["mlp"]["up_proj"]["kernel"]
+  abstract = abstract_params(scanned)["layers"]["mlp"]["up_proj"]["kernel"]
   assert tuple(abstract.names) == ("layers", "embed", "mlp")
   ids, mask = (jnp.asarray(a, jnp.int32) for a in random_batch(64, batch=3, length=10))
 

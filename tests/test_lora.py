@@ -12,7 +12,7 @@ import pytest
 from rallrec_jax import parallel
 from rallrec_jax.llm import hf_io, lora, losses
 from rallrec_jax.llm.config import CheckpointError, LMConfig
-from rallrec_jax.llm.model import Decoder, unstack_layers
+from rallrec_jax.llm.model import Decoder, param_shardings, unstack_layers
 from rallrec_jax.train import step as step_lib
 from tests.llm_fixtures import random_batch, tiny_hf_model
 
@@ -214,7 +214,7 @@ def test_sharded_adapters_and_step_match_unsharded(tiny, trainer):
   assert spec(layer_0(sharded)["mlp"]["down_proj"]["b"], cfg) == (None, "fsdp")
   single = lora.init(jax.random.key(0), cfg, lora_cfg)
   jax.tree.map(np.testing.assert_array_equal, sharded, single)
-  sharded_params = hf_io.load_params(folder, cfg, hf_io.param_shardings(cfg, mesh))
+  sharded_params = hf_io.load_params(folder, cfg, param_shardings(cfg, mesh))
   batch = batch_of(cfg)
   sharded_batch = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.shape))
                    for k, v in batch.items()}

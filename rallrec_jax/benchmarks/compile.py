@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rallrec_jax.llm import hf_io, lora, score
+from rallrec_jax.llm import lora, model, score
 from rallrec_jax.llm.config import LMConfig
 from rallrec_jax.train import step as step_lib
 
@@ -39,7 +39,7 @@ def _int32(*shape):
 
 
 def _params(cfg):
-  return nn.meta.unbox(hf_io.abstract_params(cfg))
+  return nn.meta.unbox(model.abstract_params(cfg))
 
 
 def _timed(fn, *args):

@@ -8,7 +8,7 @@ import numpy as np
 from rallrec_jax import parallel
 from rallrec_jax.llm import hf_io, tokenizer as tokenizer_lib
 from rallrec_jax.llm.config import LMConfig
-from rallrec_jax.llm.model import Decoder
+from rallrec_jax.llm.model import Decoder, param_shardings
 
 
 @dataclasses.dataclass
@@ -68,6 +68,6 @@ def load_pretrained(path, dtype="float32", param_dtype=None, mesh=None,
   cfg = LMConfig.from_folder(path, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
                              attention=attention, scan_layers=scan_layers,
                              nvidia_gpu=on_nvidia_gpu(mesh))
-  shardings = hf_io.param_shardings(cfg, mesh, rules)
+  shardings = param_shardings(cfg, mesh, rules)
   params = hf_io.load_params(path, cfg, shardings)
   return LM(cfg=cfg, params=params, tokenizer=tokenizer_lib.load(path), mesh=mesh, rules=rules)

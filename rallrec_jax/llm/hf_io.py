@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rallrec_jax import parallel
 from rallrec_jax.llm import safetensors_io
 from rallrec_jax.llm.config import CheckpointError
-from rallrec_jax.llm.model import Decoder
+from rallrec_jax.llm.model import abstract_params, param_shardings
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json", "tokenizer.model",
@@ -97,18 +96,6 @@ def key_table(cfg):
     for proj in ("gate_proj", "up_proj", "down_proj"):
       table[(ours, "mlp", proj, "kernel")] = (f"{hf}.mlp.{proj}.weight", _transposed)
   return table
-
-
-def abstract_params(cfg):
-  """Boxed (logically partitioned) ShapeDtypeStructs of the decoder's params."""
-  ids = jnp.zeros((1, 1), jnp.int32)
-  return jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), ids))["params"]
-
-
-def param_shardings(cfg, mesh=None, rules=parallel.DEFAULT_RULES):
-  """Shardings of every param on `mesh` (one device when None)."""
-  mesh = mesh or parallel.make_mesh((("data", 1),), jax.devices()[:1])
-  return parallel.tree_shardings(abstract_params(cfg), mesh, rules)
 
 
 def load_params(folder, cfg, shardings=None):

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from rallrec_jax import atomic, parallel
-from rallrec_jax.llm import hf_io, safetensors_io
+from rallrec_jax.llm import safetensors_io
 from rallrec_jax.llm.config import CheckpointError, LMConfig
-from rallrec_jax.llm.model import Decoder, stack_layers, unstack_layers
+from rallrec_jax.llm.model import Decoder, abstract_params, stack_layers, unstack_layers
 
 # Projection name -> how many trailing input axes its kernel contracts.
 IN_NDIM = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
@@ -93,7 +93,7 @@ def specs(cfg, lora_cfg):
   stop at the first adapted layer, and the layers below it cost a forward pass only.
   """
   out = {}
-  for path, leaf in traverse_util.flatten_dict(hf_io.abstract_params(cfg)).items():
+  for path, leaf in traverse_util.flatten_dict(abstract_params(cfg)).items():
     if (path[-1] != "kernel" or path[-2] not in lora_cfg.targets
         or not adapted_layer(cfg, lora_cfg, path[0])):
       continue
@@ -146,7 +146,7 @@ def _draw_layers(rng, cfg, lora_cfg, path, shape):
 
 
 def _single_device_mesh():
-  """The one-device mesh that `hf_io.param_shardings` places unsharded params on."""
+  """The one-device mesh that `model.param_shardings` places unsharded params on."""
   return parallel.make_mesh((("data", 1),), jax.devices()[:1])
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rallrec_jax import parallel
 from rallrec_jax.llm import rope
 
 _REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
@@ -253,6 +254,18 @@ class Decoder(nn.Module):
   def __call__(self, input_ids, attention_mask=None, positions=None):
     hidden, _ = self.hidden(input_ids, attention_mask, positions)
     return self.project(hidden)
+
+
+def abstract_params(cfg):
+  """Boxed (logically partitioned) ShapeDtypeStructs of the decoder's params."""
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), ids))["params"]
+
+
+def param_shardings(cfg, mesh=None, rules=parallel.DEFAULT_RULES):
+  """Shardings of every param on `mesh` (one device when None)."""
+  mesh = mesh or parallel.make_mesh((("data", 1),), jax.devices()[:1])
+  return parallel.tree_shardings(abstract_params(cfg), mesh, rules)
 
 
 def _stacked_init(cfg, inv_freq):
