@@ -1,11 +1,13 @@
 """Top-n recommendation: ranking metrics against a brute-force oracle, the Recommender API on
 the shrunk quickstart (zero-shot), the `recommend` stage and its rows in `report`."""
 import json
+import re
 import types
 
 import numpy as np
 import pytest
 
+from rallrec_jax import config as config_lib
 from rallrec_jax import data, pipeline, report
 from rallrec_jax.eval import bootstrap, metrics, recommend
 from rallrec_jax.retrieval import index as index_lib
@@ -172,3 +174,22 @@ def test_the_stage_writes_lists_and_four_rows(zero_shot, tmp_path):
   cells = [c.strip() for c in lines[3].strip("|").split("|")]
   assert cells[3] == f"{rows['oracle']['recall@4']:.4f}"
   assert any("recommend stage" in n for n in notes)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("recommend.checkpoint", "bestest", "recommend.checkpoint: 'bestest'"),
+    ("recommend.n", 60, "recommend.n: 60 is more than recommend.candidates=50"),
+    ("recommend.candidates", 0, "recommend.candidates: must be a positive integer"),
+    ("recommend.max_users", -1, "recommend.max_users: must be a non-negative integer")])
+def test_recommend_keys_are_validated(key, value, message):
+  cfg = config_lib.apply_overrides(config_lib.base_config(), {key: value})
+  with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+    config_lib.validate(cfg)
+
+
+def test_a_config_json_reads_back_as_the_config_it_was():
+  cfg = load_config("quickstart", "runlocal=true")
+  cfg.recommend.max_users = 7
+  back = config_lib.from_resolved(json.loads(cfg.to_json_best_effort()))
+  assert back.to_dict() == cfg.to_dict()
+  assert config_lib.from_resolved({"recommend": {"n": 3}, "gone": 1}).recommend.n == 3
