@@ -193,3 +193,17 @@ def test_a_config_json_reads_back_as_the_config_it_was():
   back = config_lib.from_resolved(json.loads(cfg.to_json_best_effort()))
   assert back.to_dict() == cfg.to_dict()
   assert config_lib.from_resolved({"recommend": {"n": 3}, "gone": 1}).recommend.n == 3
+
+
+def test_evaluated_users_are_those_with_a_liked_test_item_spread_over_the_list():
+  test = types.SimpleNamespace(user=np.array([4, 1, 4, 2, 1, 7, 4, 9]),
+                               target=np.array([5, 3, 2, 8, 3, 1, 6, 0]),
+                               label=np.array([1, 1, 1, 0, 1, 1, 0, 1]))
+  dataset = types.SimpleNamespace(splits={"test": test})
+  users, relevant = recommend.evaluated_users(dataset, 0)
+  np.testing.assert_array_equal(users, [1, 4, 7, 9])
+  assert [list(relevant.items[a:b]) for a, b in zip(relevant.offsets, relevant.offsets[1:])] == [
+      [3], [2, 5], [1], [0]]
+  users, relevant = recommend.evaluated_users(dataset, 2)
+  np.testing.assert_array_equal(users, [1, 7])
+  assert list(relevant.items) == [3, 1]

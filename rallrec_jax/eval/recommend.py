@@ -238,10 +238,13 @@ def evaluated_users(dataset, max_users):
   (0: all), and their liked test items (a Csr, one row per chosen user)."""
   test = dataset.splits["test"]
   liked = test.label.astype(bool)
-  users = np.unique(test.user[liked]).astype(np.int64)
+  user, target = test.user[liked].astype(np.int64), test.target[liked].astype(np.int64)
+  order = np.lexsort((target, user))
+  user, target = user[order], target[order]
+  users = np.unique(user)
   users = users[evaluate.capped_rows(len(users), max_users, "spread")]
-  relevant = index_lib.as_csr([np.unique(test.target[liked & (test.user == u)]) for u in users])
-  return users, relevant
+  start, end = np.searchsorted(user, users, "left"), np.searchsorted(user, users, "right")
+  return users, index_lib.as_csr([np.unique(target[a:b]) for a, b in zip(start, end)])
 
 
 def evaluate_recommendations(rec, max_users, m, n, resamples=1000, seed=0):

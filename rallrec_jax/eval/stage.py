@@ -101,6 +101,8 @@ def recommend_stage(cfg, workdir):
   rec = recommend.Recommender.from_workdir(workdir, str(r.checkpoint), cfg=cfg)
   lists, summary = recommend.evaluate_recommendations(rec, r.max_users, r.candidates, r.n)
   summary["checkpoint"] = str(r.checkpoint)
+  if not distributed.is_primary():
+    return
   with atomic.directory(workdir / "recommend") as tmp:
     atomic.write_text(tmp / "lists.jsonl", "".join(json.dumps(x) + "\n" for x in lists))
     stage.save_json(tmp / "metrics.json", summary)
@@ -122,4 +124,4 @@ RECOMMEND = Stage(
     config_keys=("recommend", "finetune", "model", "retrieval", "index", "data.max_history"),
     deps=lambda cfg: ("prepare", "mix", "index") + (
         () if str(cfg.recommend.checkpoint) == "none" else ("finetune",)),
-    outputs=("recommend",), external_inputs=workdir_model.model_files)
+    outputs=("recommend",), external_inputs=workdir_model.model_files, distributed=True)
