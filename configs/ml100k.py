@@ -11,7 +11,9 @@ Sized for a 2-core CPU: `prepare` takes about a second.
 prompts that state the item's and the user's rating statistics, lr 5e-5 with 16 warmup updates,
 gradients clipped to norm 1, the best of 8 checkpoints on 200 spread validation rows (stopping
 after 2 without improvement), 2,000 spread test rows scored; text vectors of the plain template
-(descriptions take 83 minutes here). About an hour of fine-tuning and 15 minutes of scoring:
+(descriptions take 83 minutes here); the `recommend` stage reranks 50 candidates for 40 users
+spread over those with a liked test item (2,000 prompts, as many as the test rows). About an
+hour of fine-tuning and 15 minutes of scoring, plus about as much for `recommend`:
 
   python -m rallrec_jax.main --config configs/ml100k.py:path=../shared/data/ml-100k,recipe=cpu \
       --config.model.path=$RALLREC_SMOLLM2 --workdir workdirs/ml100k_cpu
@@ -45,7 +47,7 @@ RECIPES = {
         "finetune.clip_norm": 1.0, "finetune.pool_size": 2048, "finetune.batch_size": 8,
         "finetune.grad_accum": 1, "finetune.epochs": 1, "finetune.eval_every": 32,
         "finetune.eval_samples": 200, "finetune.eval_rows": "spread", "finetune.patience": 2,
-        "eval.rows": "spread", "eval.max_samples": 2000,
+        "eval.rows": "spread", "eval.max_samples": 2000, "recommend.max_users": 40,
     },
 }
 # "cpu" plus the user's lifetime like-rate and mean rating in the prompt, 2,560 prompts in

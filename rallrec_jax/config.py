@@ -134,6 +134,12 @@ def base_config():
   c.eval = ml_collections.ConfigDict(dict(
       checkpoint="best", splits=("test",), max_samples=0, rows="first", batch_size=16))
 
+  # The `recommend` stage: for each evaluated user (max_users of those with a liked test item,
+  # spread over them; 0: all), the index's `candidates` nearest unseen items reranked by the
+  # tuned LLM's P(yes) (checkpoint: as eval.checkpoint), measured at `n`.
+  c.recommend = ml_collections.ConfigDict(dict(
+      candidates=50, n=10, checkpoint="best", max_users=200))
+
   c.retrieval = r = ml_collections.ConfigDict()
   r.k = 30                    # history items per prompt
   r.order = "rerank"          # simple | high | sequential | rerank | fusion
@@ -323,15 +329,17 @@ def validate(cfg):
     section, name = key.split(".")
     _check(cfg[section][name] in EVAL_ROWS, key,
            f"{cfg[section][name]!r} is not one of {EVAL_ROWS}")
-  ckpt = str(cfg.eval.checkpoint)
-  try:
-    averaged = results_lib.mean_steps(ckpt) is not None
-  except ValueError as e:
-    raise _error("eval.checkpoint", str(e)) from None
-  _check(ckpt in results_lib.CHECKPOINT_WORDS or ckpt.isdigit() or averaged
-         or Path(ckpt).is_dir(), "eval.checkpoint",
-         f"{ckpt!r}: use best, latest, none (zero-shot), a step number, mean:A,B,... (the "
-         f"average of those steps' weights) or a checkpoint folder")
+  for key in ("eval.checkpoint", "recommend.checkpoint"):
+    section, name = key.split(".")
+    _check_checkpoint(key, str(cfg[section][name]))
+  r = cfg.recommend
+  for key in ("candidates", "n"):
+    _check(isinstance(r[key], int) and r[key] > 0, f"recommend.{key}",
+           f"must be a positive integer, got {r[key]!r}")
+  _check(r.n <= r.candidates, "recommend.n",
+         f"{r.n} is more than recommend.candidates={r.candidates}")
+  _check(isinstance(r.max_users, int) and r.max_users >= 0, "recommend.max_users",
+         f"must be a non-negative integer (0: every user), got {r.max_users!r}")
   _check(all(s in ("train", "valid", "test") for s in cfg.eval.splits), "eval.splits",
          f"{tuple(cfg.eval.splits)!r}: splits are train, valid, test")
   for key in ("neighbors", "recommend_n", "recent"):
@@ -343,6 +351,41 @@ def validate(cfg):
     raise _error("index", str(e)) from None
   for name, weight in cfg.mix.weights.items():
     _check(weight >= 0, f"mix.weights.{name}", f"must be >= 0, got {weight!r}")
+  return cfg
+
+
+def _check_checkpoint(key, ckpt):
+  try:
+    averaged = results_lib.mean_steps(ckpt) is not None
+  except ValueError as e:
+    raise _error(key, str(e)) from None
+  _check(ckpt in results_lib.CHECKPOINT_WORDS or ckpt.isdigit() or averaged
+         or Path(ckpt).is_dir(), key,
+         f"{ckpt!r}: use best, latest, none (zero-shot), a step number, mean:A,B,... (the "
+         f"average of those steps' weights) or a checkpoint folder")
+
+
+def from_resolved(values):
+  """The config a workdir's config.json holds (`values`, its parsed JSON): base_config() with
+  every leaf the file gives; keys it lacks keep their defaults, keys no longer known are left
+  out, and JSON lists become tuples where the config holds tuples."""
+  cfg = base_config()
+
+  def as_default(default, value):
+    if isinstance(default, tuple) and isinstance(value, list):
+      return tuple(as_default(default[0] if default else (), v) for v in value)
+    return value
+
+  def fill(node, given):
+    for key, value in given.items():
+      if key not in node:
+        continue
+      if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+        fill(node[key], value)
+      else:
+        node[key] = as_default(node[key], value)
+
+  fill(cfg, values)
   return cfg
 
 

@@ -17,7 +17,9 @@ manifests). DIR (default ./report) receives:
                    difference to the baseline run with a 95% paired bootstrap CI, and the
                    checkpoint scored; under a run with {split}_baselines.json beside its
                    results, one row per non-LLM baseline scored on the same rows, with
-                   AUC(LLM) - AUC(baseline) and its paired CI
+                   AUC(LLM) - AUC(baseline) and its paired CI; and for runs with
+                   W/recommend/metrics.json (the `recommend` stage), a second table of its
+                   four rows: recall, NDCG and hit rate at n with 95% CIs over users
   roc.png          ROC curves, AUC in the legend
   calibration.png  reliability diagram (equal-count bins) over each run's score histogram
   auc_vs_k.png     AUC with its CI against retrieval.k, one line per setting of the other keys
@@ -419,6 +421,35 @@ def plot_auc_vs_k(runs, rows, split, path):
   _save(fig, path)
 
 
+RECOMMEND_TITLES = {"most_popular": "most popular (unseen)", "index": "index order",
+                    "llm_rerank": "LLM rerank", "oracle": "oracle (candidates' ceiling)"}
+
+
+def recommend_table(workdirs, names):
+  """A markdown table of the `recommend` stage's rows (W/recommend/metrics.json) of the runs
+  that have one: recall, NDCG and hit rate at n with their 95% CIs; "" when none has."""
+  lines = []
+  for workdir, name in zip(workdirs, names):
+    path = Path(workdir) / "recommend" / "metrics.json"
+    if not path.is_file():
+      continue
+    found = json.loads(path.read_text())
+    n = found["n"]
+    for key, row in found["rows"].items():
+      cells = [f"{RECOMMEND_TITLES.get(key, key)} [{name}]", str(row["users"]),
+               str(found["candidates"])]
+      for metric in ("recall", "ndcg", "hit_rate"):
+        low, high = row[f"{metric}@{n}_ci"]
+        cells += [f"{row[f'{metric}@{n}']:.4f}", f"[{low:.4f}, {high:.4f}]"]
+      lines.append("| " + " | ".join(_cell(c) for c in cells) + f" | {n} |")
+  if not lines:
+    return ""
+  header = ["recommend row", "users", "candidates", "Recall@n", "95% CI", "NDCG@n", "95% CI",
+            "HitRate@n", "95% CI", "n"]
+  return "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+                   + lines)
+
+
 def report(workdirs, out="report", split="test", baseline=None, resamples=1000, seed=0, bins=10,
            checkpoint="best"):
   """Write report.md and the plots under `out` for each run's evaluation of `checkpoint`;
@@ -448,6 +479,14 @@ def report(workdirs, out="report", split="test", baseline=None, resamples=1000, 
                  f"{baselines.SEED}) made by that stage, as is the baseline's AUC CI. The user "
                  "mean rating is no probability: no log loss or accuracy.")
   table = markdown_table([r for row, more in zip(rows, extra) for r in [row] + more])
+  ranking = recommend_table(workdirs, run_names(workdirs))
+  if ranking:
+    table += "\n\n" + ranking
+    notes.append("Rows `recommend row`: the recommend stage (W/recommend/metrics.json): for "
+                 "each user with a liked test item, the index's candidates unseen before the "
+                 "user's first test sample, ranked by index order, by the LLM's P(yes), and with "
+                 "the liked candidates first (the oracle, the ceiling of any reranking), beside "
+                 "the most popular unseen items; CIs: 95% bootstrap over users.")
   out = Path(out)
   paths = {name: out / name for name in ("report.md", "roc.png", "calibration.png",
                                           "auc_vs_k.png")}

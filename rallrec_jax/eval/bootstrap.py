@@ -1,4 +1,5 @@
-"""Bootstrap confidence intervals of AUC, vectorised over resamples.
+"""Bootstrap confidence intervals of AUC and of means (per-user ranking metrics), vectorised
+over resamples.
 
 A resample draws n sample indices with replacement; every score vector given together is
 resampled with the same indices, so differences between them are paired. AUC is computed from
@@ -56,3 +57,19 @@ def percentile_ci(values, level=0.95):
   tail = 50.0 * (1.0 - level)
   low, high = np.nanpercentile(values, [tail, 100.0 - tail])
   return float(low), float(high)
+
+
+def mean_cis(values, resamples=1000, seed=0, level=0.95):
+  """(low, high) percentile intervals of the mean of each row of `values` ([R, n] or [n]),
+  every row resampled with the same n indices (paired, like `resample_aucs`)."""
+  values = np.atleast_2d(np.asarray(values, np.float64))
+  n = values.shape[1]
+  if n == 0:
+    raise ValueError("need at least one value to resample")
+  rng = np.random.default_rng(seed)
+  means = np.empty((len(values), resamples))
+  chunk = max(1, CHUNK_ELEMENTS // n)
+  for begin in range(0, resamples, chunk):
+    idx = rng.integers(0, n, (min(chunk, resamples - begin), n))
+    means[:, begin:begin + len(idx)] = values[:, idx].mean(axis=2)
+  return [percentile_ci(row, level) for row in means]

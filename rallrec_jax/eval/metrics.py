@@ -1,5 +1,5 @@
-"""Metrics: binary classification (AUC, tie-aware; log loss; accuracy) and ranking (recall and
-NDCG at n)."""
+"""Metrics: binary classification (AUC, tie-aware; log loss; accuracy) and ranking (recall,
+NDCG and hit rate at n)."""
 import numpy as np
 
 
@@ -43,13 +43,15 @@ def all_metrics(labels, probabilities):
           "acc": accuracy(labels, probabilities), "n": int(len(labels))}
 
 
-def recall_ndcg_at_n(recommended, offsets, items):
-  """(recall@n, NDCG@n) averaged over the users that have at least one relevant item.
+def ranking_at_n(recommended, offsets, items):
+  """Per-user recall@n, NDCG@n and hit rate@n (float64 arrays) of the users that have at least
+  one relevant item, in user order, and those users' indices.
 
   `recommended` [num_users, n] ranks item ids best first (-1 pads short rows and never counts);
   user u's relevant ids are items[offsets[u]:offsets[u + 1]] (duplicates count once, negative
   ids never). Binary relevance: recall = hits / |relevant|; DCG = sum of 1 / log2(rank + 1) over
-  the hits at ranks 1..n; the ideal DCG puts min(n, |relevant|) hits first.
+  the hits at ranks 1..n; the ideal DCG puts min(n, |relevant|) hits first; hit rate is 1 when
+  any of the n is relevant.
   """
   recommended = np.asarray(recommended, np.int64)
   if recommended.ndim != 2:
@@ -70,9 +72,16 @@ def recall_ndcg_at_n(recommended, offsets, items):
   users = counts > 0
   if not users.any():
     raise ValueError("no user has a relevant item, so recall and NDCG are undefined")
-  recall = hits[users].sum(axis=1) / counts[users]
-  ndcg = (hits[users] * discounts).sum(axis=1) / ideal[users]
-  return float(recall.mean()), float(ndcg.mean())
+  found = hits[users].sum(axis=1)
+  return {"recall": found / counts[users], "ndcg": (hits[users] * discounts).sum(axis=1)
+          / ideal[users], "hit_rate": (found > 0).astype(np.float64)}, np.flatnonzero(users)
+
+
+def recall_ndcg_at_n(recommended, offsets, items):
+  """(recall@n, NDCG@n) averaged over the users that have at least one relevant item
+  (`ranking_at_n` defines them)."""
+  per_user, _ = ranking_at_n(recommended, offsets, items)
+  return float(per_user["recall"].mean()), float(per_user["ndcg"].mean())
 
 
 def checkpoint_label(checkpoint, step):

@@ -1,15 +1,16 @@
 """The `evaluate` stage: P(yes) of a checkpoint on the configured splits, beside the non-LLM
-baselines on the same rows."""
+baselines on the same rows; and the `recommend` stage: top-n lists reranked by the LLM."""
+import json
 import logging
 from pathlib import Path
 
-from rallrec_jax import atomic, data, distributed, workdir_model
-from rallrec_jax.eval import baselines, evaluate, metrics
+from rallrec_jax import atomic, data, distributed, stage, workdir_model
+from rallrec_jax.eval import baselines, evaluate, metrics, recommend
 from rallrec_jax.eval import results as results_lib
+from rallrec_jax.eval.weights import restore_checkpoint
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import history
 from rallrec_jax.stage import Stage
-from rallrec_jax.train import loop
 from rallrec_jax.train import stage as train_stage
 
 log = logging.getLogger("rallrec_jax")
@@ -24,22 +25,6 @@ def _baselines(workdir, dataset, fitted, split, examples, scores):
     log.info("evaluate: %s baseline %s: auc %.4f, LLM minus it %+.4f [%+.4f, %+.4f]", split,
              name, m["auc"], m["auc_diff"], *m["auc_diff_ci"])
   return table
-
-
-def restore_checkpoint(cfg, workdir, lm, choice):
-  """(scoring weights for `evaluate.score_examples`, step) of eval.checkpoint `choice`."""
-  if choice == "none":
-    return {}, None
-  lora_cfg = train_stage.lora_config(cfg)
-  steps = results_lib.mean_steps(choice)
-  if steps is not None:
-    weights = loop.restore_mean_weights(lm, lora_cfg, workdir / "checkpoints", steps)
-    return train_stage.scoring_weights(lm, lora_cfg, weights), steps[-1]
-  keyword = choice in ("best", "latest") or choice.isdigit()
-  folder = workdir / "checkpoints" if keyword else Path(choice)
-  which = int(choice) if choice.isdigit() else ("latest" if choice == "latest" else "best")
-  weights, step = loop.restore_weights(lm, lora_cfg, folder, which)
-  return train_stage.scoring_weights(lm, lora_cfg, weights), step
 
 
 def _write_results(workdir, choice, results):
@@ -105,3 +90,38 @@ EVALUATE = Stage(
     deps=lambda cfg: ("prepare", "retrieve") if str(cfg.eval.checkpoint) == "none" else (
         "prepare", "retrieve", "finetune"),
     outputs=("eval",), external_inputs=workdir_model.model_files, version=3, distributed=True)
+
+
+def recommend_stage(cfg, workdir):
+  """recommend/lists.jsonl and metrics.json: for recommend.max_users users with a liked test
+  item, the index's recommend.candidates nearest unseen items reranked by the P(yes) of
+  recommend.checkpoint, and recall, NDCG and hit rate at recommend.n of four rows."""
+  workdir = Path(workdir)
+  r = cfg.recommend
+  rec = recommend.Recommender.from_workdir(workdir, str(r.checkpoint), cfg=cfg)
+  lists, summary = recommend.evaluate_recommendations(rec, r.max_users, r.candidates, r.n)
+  summary["checkpoint"] = str(r.checkpoint)
+  if not distributed.is_primary():
+    return
+  with atomic.directory(workdir / "recommend") as tmp:
+    atomic.write_text(tmp / "lists.jsonl", "".join(json.dumps(x) + "\n" for x in lists))
+    stage.save_json(tmp / "metrics.json", summary)
+  for name, row in summary["rows"].items():
+    log.info("recommend: %-12s recall@%d %.4f ndcg@%d %.4f hit_rate@%d %.4f (%d users)", name,
+             r.n, row[f"recall@{r.n}"], r.n, row[f"ndcg@{r.n}"], r.n, row[f"hit_rate@{r.n}"],
+             row["users"])
+
+
+RECOMMEND = Stage(
+    name="recommend",
+    help="top-n recommendation: for recommend.max_users users with a liked test item (0: all), "
+         "the index's recommend.candidates nearest items unseen before the user's first test "
+         "sample, each scored by recommend.checkpoint with the CTR prompt and ranked by P(yes); "
+         "recall, NDCG and hit rate at recommend.n with bootstrap CIs for most-popular, index "
+         "order, LLM rerank and the oracle ceiling of the candidates: writes "
+         "recommend/lists.jsonl and recommend/metrics.json",
+    run=recommend_stage,
+    config_keys=("recommend", "finetune", "model", "retrieval", "index", "data.max_history"),
+    deps=lambda cfg: ("prepare", "mix", "index") + (
+        () if str(cfg.recommend.checkpoint) == "none" else ("finetune",)),
+    outputs=("recommend",), external_inputs=workdir_model.model_files, distributed=True)

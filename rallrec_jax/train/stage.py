@@ -1,42 +1,24 @@
 """The `finetune` stage: instruction tuning on the training prompts, selected on validation AUC.
 
-Also what the `evaluate` stage shares with it: prompts of a split's rows, the LoRA config and
-the weights that scoring takes."""
+Also what the `evaluate` stage shares with it: prompts of a split's rows (the LoRA config and
+the weights that scoring takes are in `rallrec_jax.eval.weights`)."""
 import hashlib
 import json
 import logging
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from rallrec_jax import config as config_lib
 from rallrec_jax import data, distributed, stage, workdir_model
 from rallrec_jax.eval import evaluate
-from rallrec_jax.llm import lora
+from rallrec_jax.eval.weights import lora_config, scoring_weights
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import history
 from rallrec_jax.stage import Stage
 from rallrec_jax.train import batches, loop, sets
 
 log = logging.getLogger("rallrec_jax")
-
-
-def lora_config(cfg):
-  """The LoraConfig of finetune.lora, or None under full fine-tuning (finetune.method=full)."""
-  if cfg.finetune.method == "full":
-    return None
-  f = cfg.finetune.lora
-  return lora.LoraConfig(rank=f.rank, alpha=f.alpha, dropout=f.dropout, targets=tuple(f.targets),
-                         layers=f.layers)
-
-
-def scoring_weights(lm, lora_cfg, weights):
-  """(adapters, params) that `evaluate.score_examples` takes for trained `weights`."""
-  if lora_cfg is not None:
-    return {"adapters": weights, "lora_cfg": lora_cfg}
-  dtype = jax.tree.leaves(lm.params)[0].dtype
-  return {"params": jax.tree.map(lambda x: x.astype(dtype), weights)}
 
 
 def build_examples(dataset, tokenizer, split, results, pairs, *, labels, max_length,
