@@ -133,6 +133,9 @@ def base_config():
   # from a few users) or "spread" (evenly spaced over the whole split).
   c.eval = ml_collections.ConfigDict(dict(
       checkpoint="best", splits=("test",), max_samples=0, rows="first", batch_size=16))
+  # What the `export` stage ships (W/export/): the checkpoint choice, as eval.checkpoint's
+  # but not none.
+  c.export = ml_collections.ConfigDict(dict(checkpoint="best"))
 
   c.retrieval = r = ml_collections.ConfigDict()
   r.k = 30                    # history items per prompt
@@ -323,15 +326,8 @@ def validate(cfg):
     section, name = key.split(".")
     _check(cfg[section][name] in EVAL_ROWS, key,
            f"{cfg[section][name]!r} is not one of {EVAL_ROWS}")
-  ckpt = str(cfg.eval.checkpoint)
-  try:
-    averaged = results_lib.mean_steps(ckpt) is not None
-  except ValueError as e:
-    raise _error("eval.checkpoint", str(e)) from None
-  _check(ckpt in results_lib.CHECKPOINT_WORDS or ckpt.isdigit() or averaged
-         or Path(ckpt).is_dir(), "eval.checkpoint",
-         f"{ckpt!r}: use best, latest, none (zero-shot), a step number, mean:A,B,... (the "
-         f"average of those steps' weights) or a checkpoint folder")
+  _check_checkpoint("eval.checkpoint", cfg.eval.checkpoint, ", none (zero-shot)")
+  _check_checkpoint("export.checkpoint", cfg.export.checkpoint)
   _check(all(s in ("train", "valid", "test") for s in cfg.eval.splits), "eval.splits",
          f"{tuple(cfg.eval.splits)!r}: splits are train, valid, test")
   for key in ("neighbors", "recommend_n", "recent"):
@@ -344,6 +340,20 @@ def validate(cfg):
   for name, weight in cfg.mix.weights.items():
     _check(weight >= 0, f"mix.weights.{name}", f"must be >= 0, got {weight!r}")
   return cfg
+
+
+def _check_checkpoint(key, value, none=""):
+  """A checkpoint choice: best, latest, a step, mean:A,B,..., a folder (and none when `none`
+  says how to name it)."""
+  ckpt = str(value)
+  try:
+    averaged = results_lib.mean_steps(ckpt) is not None
+  except ValueError as e:
+    raise _error(key, str(e)) from None
+  words = [w for w in results_lib.CHECKPOINT_WORDS if none or w != "none"]
+  _check(ckpt in words or ckpt.isdigit() or averaged or Path(ckpt).is_dir(), key,
+         f"{ckpt!r}: use best, latest{none}, a step number, mean:A,B,... (the average of "
+         f"those steps' weights) or a checkpoint folder")
 
 
 INDEX_KEYS = ("backend", "num_leaves", "num_leaves_to_search", "dims_per_block",

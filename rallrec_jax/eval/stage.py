@@ -9,7 +9,6 @@ from rallrec_jax.eval import results as results_lib
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import history
 from rallrec_jax.stage import Stage
-from rallrec_jax.train import loop
 from rallrec_jax.train import stage as train_stage
 
 log = logging.getLogger("rallrec_jax")
@@ -24,22 +23,6 @@ def _baselines(workdir, dataset, fitted, split, examples, scores):
     log.info("evaluate: %s baseline %s: auc %.4f, LLM minus it %+.4f [%+.4f, %+.4f]", split,
              name, m["auc"], m["auc_diff"], *m["auc_diff_ci"])
   return table
-
-
-def restore_checkpoint(cfg, workdir, lm, choice):
-  """(scoring weights for `evaluate.score_examples`, step) of eval.checkpoint `choice`."""
-  if choice == "none":
-    return {}, None
-  lora_cfg = train_stage.lora_config(cfg)
-  steps = results_lib.mean_steps(choice)
-  if steps is not None:
-    weights = loop.restore_mean_weights(lm, lora_cfg, workdir / "checkpoints", steps)
-    return train_stage.scoring_weights(lm, lora_cfg, weights), steps[-1]
-  keyword = choice in ("best", "latest") or choice.isdigit()
-  folder = workdir / "checkpoints" if keyword else Path(choice)
-  which = int(choice) if choice.isdigit() else ("latest" if choice == "latest" else "best")
-  weights, step = loop.restore_weights(lm, lora_cfg, folder, which)
-  return train_stage.scoring_weights(lm, lora_cfg, weights), step
 
 
 def _write_results(workdir, choice, results):
@@ -65,7 +48,7 @@ def evaluate_stage(cfg, workdir):
   lm = workdir_model.load_model(cfg, workdir, dataset)
   yes, no = lm.yes_no_tokens()
   choice = str(cfg.eval.checkpoint)
-  trained, step = restore_checkpoint(cfg, workdir, lm, choice)
+  trained, step = train_stage.restore_checkpoint(cfg, workdir, lm, choice)
 
   def logits_of(split, limit):
     examples = train_stage.eval_examples(cfg, workdir, dataset, lm, split, limit, cfg.eval.rows)
