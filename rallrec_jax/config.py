@@ -133,6 +133,9 @@ def base_config():
   # from a few users) or "spread" (evenly spaced over the whole split).
   c.eval = ml_collections.ConfigDict(dict(
       checkpoint="best", splits=("test",), max_samples=0, rows="first", batch_size=16))
+  # What the `export` stage ships (W/export/): the checkpoint choice, as eval.checkpoint's
+  # but not none.
+  c.export = ml_collections.ConfigDict(dict(checkpoint="best"))
 
   # The `recommend` stage: for each evaluated user (max_users of those with a liked test item,
   # spread over them; 0: all), the index's `candidates` nearest unseen items reranked by the
@@ -329,9 +332,9 @@ def validate(cfg):
     section, name = key.split(".")
     _check(cfg[section][name] in EVAL_ROWS, key,
            f"{cfg[section][name]!r} is not one of {EVAL_ROWS}")
-  for key in ("eval.checkpoint", "recommend.checkpoint"):
-    section, name = key.split(".")
-    _check_checkpoint(key, str(cfg[section][name]))
+  _check_checkpoint("eval.checkpoint", cfg.eval.checkpoint, ", none (zero-shot)")
+  _check_checkpoint("recommend.checkpoint", cfg.recommend.checkpoint, ", none (zero-shot)")
+  _check_checkpoint("export.checkpoint", cfg.export.checkpoint)
   r = cfg.recommend
   for key in ("candidates", "n"):
     _check(isinstance(r[key], int) and r[key] > 0, f"recommend.{key}",
@@ -354,15 +357,18 @@ def validate(cfg):
   return cfg
 
 
-def _check_checkpoint(key, ckpt):
+def _check_checkpoint(key, value, none=""):
+  """A checkpoint choice: best, latest, a step, mean:A,B,..., a folder (and none when `none`
+  says how to name it)."""
+  ckpt = str(value)
   try:
     averaged = results_lib.mean_steps(ckpt) is not None
   except ValueError as e:
     raise _error(key, str(e)) from None
-  _check(ckpt in results_lib.CHECKPOINT_WORDS or ckpt.isdigit() or averaged
-         or Path(ckpt).is_dir(), key,
-         f"{ckpt!r}: use best, latest, none (zero-shot), a step number, mean:A,B,... (the "
-         f"average of those steps' weights) or a checkpoint folder")
+  words = [w for w in results_lib.CHECKPOINT_WORDS if none or w != "none"]
+  _check(ckpt in words or ckpt.isdigit() or averaged or Path(ckpt).is_dir(), key,
+         f"{ckpt!r}: use best, latest{none}, a step number, mean:A,B,... (the average of "
+         f"those steps' weights) or a checkpoint folder")
 
 
 def from_resolved(values):

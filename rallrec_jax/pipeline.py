@@ -45,7 +45,8 @@ class PipelineError(RuntimeError):
 # Run order. Adding a stage: declare it in a `stage.py` beside its code, add it here.
 REGISTRY = (data_stage.PREPARE, text_stage.DESCRIBE, text_stage.EMBED, cf_stage.CF,
             align_stage.ALIGN, align_stage.MIX, retrieval_stage.INDEX, retrieval_stage.RETRIEVE,
-            train_stage.FINETUNE, eval_stage.EVALUATE, eval_stage.RECOMMEND)
+            train_stage.FINETUNE, eval_stage.EVALUATE, eval_stage.RECOMMEND,
+            train_stage.EXPORT)
 
 STAGES = {}
 

@@ -26,6 +26,11 @@ def _tiny_folder(workdir):
   return Path(workdir) / "model_tiny"
 
 
+def model_folder(cfg, workdir):
+  """The folder the workdir's LLM loads from: model.path, else W/model_tiny."""
+  return Path(cfg.model.path).expanduser() if cfg.model.path else _tiny_folder(workdir)
+
+
 def _tiny_model_folder(cfg, workdir, dataset):
   """W/model_tiny: a random decoder whose vocabulary covers the items' text and prompts."""
   folder = _tiny_folder(workdir)

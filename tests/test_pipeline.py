@@ -187,13 +187,14 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=120)
 
 
-def test_a_full_run_leaves_out_descriptions_nothing_reads():
+def test_a_full_run_leaves_out_descriptions_nothing_reads_and_the_export():
   cfg = config_lib.base_config()
   names = lambda: [s.name for s in pipeline.select(None, cfg)]
-  assert names() == list(pipeline.STAGES)
+  assert names() == [n for n in pipeline.STAGES if n != "export"]
   cfg.embed.source = "template"
-  assert names() == [n for n in pipeline.STAGES if n != "describe"]
+  assert names() == [n for n in pipeline.STAGES if n not in ("describe", "export")]
   assert [s.name for s in pipeline.select(["describe"], cfg)] == ["describe"]
+  assert [s.name for s in pipeline.select(["export"], cfg)] == ["export"]
 
 
 def test_help_lists_the_stages_and_what_they_write():

@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 from rallrec_jax import data, pipeline, report, workdir_model
 from rallrec_jax import stage as stage_lib
 from rallrec_jax.eval import baselines, evaluate, table as table_lib
+from rallrec_jax.llm import lora
 from rallrec_jax.text import describe, stage as text_stage
 from rallrec_jax.train import loop, stage as train_stage
 from tests.test_baselines import loop_item_rates
@@ -246,3 +247,42 @@ def test_control_prompts_are_worded_like_the_fine_tune(run):
   for batch in train + held:
     for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
       assert "of its earlier raters" in tokenizer.decode(ids[mask > 0])
+
+
+def test_export_of_a_lora_fine_tune_loads_in_peft_and_transformers(run, tmp_path):
+  """`--stages export` after a LoRA fine-tune: PEFT on the tiny base model with export/adapters
+  and transformers on export/merged give the logits of our decoder with the best checkpoint's
+  adapters; a rerun skips it, another export.checkpoint reruns it."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from peft import PeftModel  # pylint: disable=import-outside-toplevel
+  from transformers import AutoModelForCausalLM  # pylint: disable=import-outside-toplevel
+  cfg, workdir, _ = run
+  copy = tmp_path / "w"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(
+      "checkpoints", "metrics.jsonl", "finetune.json", "eval", ".finetune.key", "export"))
+  cfg = load_config("quickstart", "runlocal=true")
+  cfg.finetune.update(method="lora", epochs=1, lr=3e-2)
+  cfg.finetune.lora.update(rank=4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                            "up_proj", "down_proj"), layers=1)
+  status = pipeline.run(cfg, copy, stages=STAGES + ["finetune", "export"])
+  assert (status["finetune"], status["export"]) == ("ran", "ran")
+  assert pipeline.run(cfg, copy, stages=["export"]) == {"export": "skipped"}
+  dataset = data.load_dataset(copy)
+  lm = workdir_model.load_model(cfg, copy, dataset)
+  trained, step = train_stage.restore_checkpoint(cfg, copy, lm, "best")
+  assert json.loads((copy / "export" / "export.json").read_text())["step"] == step
+  examples = train_stage.eval_examples(cfg, copy, dataset, lm, "valid", 3, "first")
+  ids = np.array([x[-40:] for x in examples["input_ids"]])
+  assert ids.shape == (3, 40)
+  ours = np.asarray(lora.apply(lm.cfg, lm.params, trained["adapters"], trained["lora_cfg"], ids))
+  assert np.abs(ours - lm.logits(ids)).max() > 1e-3  # the fine-tune moved the model
+
+  base = AutoModelForCausalLM.from_pretrained(copy / "model_tiny").eval()
+  peft_model = PeftModel.from_pretrained(base, copy / "export" / "adapters").eval()
+  merged = AutoModelForCausalLM.from_pretrained(copy / "export" / "merged").eval()
+  for model in (peft_model, merged):
+    with torch.no_grad():
+      theirs = model(input_ids=torch.from_numpy(ids).long()).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+  cfg.export.checkpoint = "latest"
+  assert pipeline.run(cfg, copy, stages=["export"]) == {"export": "ran"}

@@ -109,8 +109,10 @@ def specs(cfg, lora_cfg):
   return out
 
 
-def _unrolled(cfg):
-  return dataclasses.replace(cfg, scan_layers="false")
+def layer_specs(cfg, lora_cfg):
+  """`specs` of the unrolled layout, one entry per adapted layer whatever `cfg`'s layout: the
+  tensors that saved adapters hold."""
+  return specs(dataclasses.replace(cfg, scan_layers="false"), lora_cfg)
 
 
 def _layer_paths(cfg, lora_cfg, path):
@@ -265,17 +267,21 @@ def load(folder, cfg=None, mesh=None, rules=parallel.DEFAULT_RULES, rank=None):
     raise CheckpointError(f"{Path(folder) / WEIGHTS}: missing")
   base = cfg or stored_base
   expected_cfg = lora_cfg if rank is None else dataclasses.replace(lora_cfg, rank=rank)
-  expected = {"/".join(p): shape for p, (shape, _) in specs(_unrolled(base),
-                                                            expected_cfg).items()}
+  expected = {"/".join(p): shape for p, (shape, _) in layer_specs(base, expected_cfg).items()}
   file = safetensors_io.SafetensorsFile(Path(folder) / WEIGHTS)
   _check(file, expected, expected_cfg)
-  arrays = traverse_util.unflatten_dict({tuple(name.split("/")): np.array(file.tensor(name),
-                                                                          np.float32)
-                                         for name in expected})
-  if base.scanned:
+  arrays = {tuple(name.split("/")): np.array(file.tensor(name), np.float32) for name in expected}
+  return place(arrays, base, expected_cfg, mesh, rules), lora_cfg
+
+
+def place(arrays, cfg, lora_cfg, mesh=None, rules=parallel.DEFAULT_RULES):
+  """Adapters on the devices from host arrays {unrolled module path + ("a" | "b"): array},
+  stacked for a scanned `cfg` and put in their shardings on `mesh` (one device when None)."""
+  arrays = traverse_util.unflatten_dict(arrays)
+  if cfg.scanned:
     arrays = stack_layers(arrays)
-  targets = shardings(base, expected_cfg, mesh or _single_device_mesh(), rules)
-  return jax.tree.map(jax.device_put, arrays, targets), lora_cfg
+  targets = shardings(cfg, lora_cfg, mesh or _single_device_mesh(), rules)
+  return jax.tree.map(jax.device_put, arrays, targets)
 
 
 def _check(file, expected, lora_cfg):

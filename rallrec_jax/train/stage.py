@@ -7,16 +7,17 @@ import json
 import logging
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from rallrec_jax import config as config_lib
 from rallrec_jax import data, distributed, stage, workdir_model
 from rallrec_jax.eval import evaluate
-from rallrec_jax.eval.weights import lora_config, scoring_weights
+from rallrec_jax.eval.weights import lora_config, restore_checkpoint, scoring_weights
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import history
 from rallrec_jax.stage import Stage
-from rallrec_jax.train import batches, loop, sets
+from rallrec_jax.train import batches, export, loop, sets
 
 log = logging.getLogger("rallrec_jax")
 
@@ -122,3 +123,31 @@ FINETUNE = Stage(
     deps=("prepare", "mix", "retrieve"), outputs=("finetune.json",),
     external_inputs=workdir_model.model_files, distributed=True,
     resumes=("checkpoints", "metrics.jsonl", "finetune.json"))
+
+
+def export_stage(cfg, workdir):
+  """export/: the weights of checkpoint export.checkpoint for Hugging Face users: adapters/ (a
+  PEFT LoRA folder; LoRA runs only), merged/ (a transformers folder: the base model with the
+  adapters merged, or the fully tuned weights) and export.json."""
+  if jax.process_count() > 1:
+    raise RuntimeError("export runs in one process: run `--stages export` without "
+                       "RALLREC_DISTRIBUTED, on one host that sees the workdir")
+  workdir = Path(workdir)
+  lm = workdir_model.load_model(cfg, workdir, data.load_dataset(workdir))
+  choice = str(cfg.export.checkpoint)
+  trained, step = restore_checkpoint(cfg, workdir, lm, choice)
+  folder = export.write(workdir / "export", lm, trained, workdir_model.model_folder(cfg, workdir),
+                        step=step, checkpoint=choice)
+  log.info("export: checkpoint %s (step %s) in %s", choice, step, folder)
+
+
+EXPORT = Stage(
+    name="export",
+    help="the fine-tune's weights at export.checkpoint (best, latest, STEP, mean:A,B,..., a "
+         "folder) for Hugging Face: writes export/adapters/ (LoRA runs: a PEFT folder that "
+         "peft.PeftModel.from_pretrained loads), export/merged/ (a transformers folder with "
+         "tokenizer and chat template: the adapters merged, or the fully tuned weights) and "
+         "export/export.json; left out of a full run, ask for it with --stages export",
+    run=export_stage, config_keys=("export", "finetune", "model"),
+    deps=("prepare", "finetune"), outputs=("export",),
+    external_inputs=workdir_model.model_files, distributed=True, needed=lambda cfg: False)
