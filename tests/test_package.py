@@ -1,6 +1,7 @@
 """The installable package: console scripts and dependencies as pyproject.toml declares them."""
 import importlib
 import importlib.metadata
+import re
 import subprocess
 import sys
 import tomllib
@@ -43,7 +44,8 @@ def test_rallrec_command_runs_outside_the_repository(tmp_path):
   result = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
                           check=False, timeout=300)
   assert result.returncode == 0, result.stderr
-  assert "finetune  instruction tuning" in result.stdout and "--workdir" in result.stdout
+  assert re.search(r"^  finetune +instruction tuning", result.stdout, re.M), result.stdout
+  assert "--workdir" in result.stdout
   missing = subprocess.run([str(script), "--config", "configs/nosuch.py", "--workdir", "w"],
                            cwd=tmp_path, capture_output=True, text=True, check=False, timeout=300)
   assert missing.returncode != 0 and not (tmp_path / "w").exists()
