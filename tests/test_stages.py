@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from rallrec_jax import data, pipeline, report, workdir_model
 from rallrec_jax import stage as stage_lib
-from rallrec_jax.eval import baselines, evaluate, table as table_lib
+from rallrec_jax.eval import baselines, evaluate, table as table_lib, weights as weights_lib
 from rallrec_jax.llm import lora
 from rallrec_jax.text import describe, stage as text_stage
 from rallrec_jax.train import loop, stage as train_stage
@@ -269,7 +269,7 @@ def test_export_of_a_lora_fine_tune_loads_in_peft_and_transformers(run, tmp_path
   assert pipeline.run(cfg, copy, stages=["export"]) == {"export": "skipped"}
   dataset = data.load_dataset(copy)
   lm = workdir_model.load_model(cfg, copy, dataset)
-  trained, step = train_stage.restore_checkpoint(cfg, copy, lm, "best")
+  trained, step = weights_lib.restore_checkpoint(cfg, copy, lm, "best")
   assert json.loads((copy / "export" / "export.json").read_text())["step"] == step
   examples = train_stage.eval_examples(cfg, copy, dataset, lm, "valid", 3, "first")
   ids = np.array([x[-40:] for x in examples["input_ids"]])

@@ -93,7 +93,7 @@ def p_yes_ours(lm, adapters, lora_cfg, batches, answer_ids):
                              jnp.asarray(b["attention_mask"], jnp.int32), yes, no, adapters,
                              lora_cfg)
          for b in batches]
-  return evaluate.sigmoid(evaluate.logit_gap(np.concatenate([np.asarray(o) for o in out])))
+  return evaluate.p_yes(np.concatenate([np.asarray(o) for o in out]))
 
 
 def hf_model(model_dir, dtype="float32"):
@@ -179,7 +179,7 @@ def p_yes_theirs(model, batches, answer_ids):
   model.eval()
   with torch.no_grad():
     logits = torch.cat([_answer_logits(model, b, answer_ids) for b in batches]).numpy()
-  return evaluate.sigmoid(evaluate.logit_gap(logits))
+  return evaluate.p_yes(logits)
 
 
 def control(model_dir, batches, lora_cfg, opt, eval_batches=(), dtype="float32",

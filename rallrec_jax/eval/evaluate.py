@@ -81,6 +81,11 @@ def sigmoid(x):
   return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, np.float64)))
 
 
+def p_yes(logits):
+  """P(yes) (float64) of [N, 2] Yes/No logits."""
+  return sigmoid(logit_gap(logits))
+
+
 def _nll(logit_diff, labels, temperature):
   """Mean log loss of sigmoid(logit_diff / temperature), computed from the logits (no clipping)."""
   signed = np.where(np.asarray(labels).astype(bool), 1.0, -1.0) * logit_diff / temperature

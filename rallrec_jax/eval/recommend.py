@@ -192,7 +192,7 @@ class Recommender:
     logits = evaluate.score_examples(self.lm, self.examples(users, items), yes, no,
                                      batch_size=self.cfg.eval.batch_size, progress=progress,
                                      **self.trained)
-    return evaluate.sigmoid(evaluate.logit_gap(logits))
+    return evaluate.p_yes(logits)
 
   def candidates(self, users, m, exclude_seen=True):
     """int64 [len(users), m]: the index's m nearest items to each user's vector, best first,

@@ -65,7 +65,7 @@ def evaluate_stage(cfg, workdir):
         split, cfg.eval.max_samples)
     metrics_dict = {**evaluate.evaluate_split(examples["label"], logits, temperature),
                     "step": step, "checkpoint": choice}
-    scores = evaluate.sigmoid(evaluate.logit_gap(logits))
+    scores = evaluate.p_yes(logits)
     log.info("evaluate: %s (checkpoint %s): auc %.4f logloss %.4f acc %.4f n %d", split,
              metrics.checkpoint_label(choice, step), metrics_dict["auc"], metrics_dict["logloss"],
              metrics_dict["acc"], metrics_dict["n"])

@@ -16,7 +16,7 @@ SUMMARY = "export.json"
 def write(folder, lm, trained, base_model, step=None, checkpoint=None):
   """Write `folder` whole (atomically): adapters/ (for LoRA weights), merged/ and export.json.
 
-  `trained` is what `train.stage.scoring_weights` returns: {"adapters", "lora_cfg"} or
+  `trained` is what `eval.weights.scoring_weights` returns: {"adapters", "lora_cfg"} or
   {"params"}. `base_model` is the base model's folder: its tokenizer files are copied into
   merged/ and the adapters' config names it.
   """
