@@ -139,9 +139,10 @@ def base_config():
 
   # The `recommend` stage: for each evaluated user (max_users of those with a liked test item,
   # spread over them; 0: all), the index's `candidates` nearest unseen items reranked by the
-  # tuned LLM's P(yes) (checkpoint: as eval.checkpoint), measured at `n`.
+  # tuned LLM's P(yes) (checkpoint: as eval.checkpoint), measured at `n`; with `blend`, also
+  # by a blend of P(yes), index order and popularity whose weights are chosen on validation users.
   c.recommend = ml_collections.ConfigDict(dict(
-      candidates=50, n=10, checkpoint="best", max_users=200))
+      candidates=50, n=10, checkpoint="best", max_users=200, blend=True))
 
   c.retrieval = r = ml_collections.ConfigDict()
   r.k = 30                    # history items per prompt

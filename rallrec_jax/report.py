@@ -422,7 +422,8 @@ def plot_auc_vs_k(runs, rows, split, path):
 
 
 RECOMMEND_TITLES = {"most_popular": "most popular (unseen)", "index": "index order",
-                    "llm_rerank": "LLM rerank", "oracle": "oracle (candidates' ceiling)"}
+                    "llm_rerank": "LLM rerank", "blend": "blend of P(yes), index, popularity",
+                    "oracle": "oracle (candidates' ceiling)"}
 
 
 def recommend_table(workdirs, names):

@@ -9,7 +9,7 @@ import pytest
 
 from rallrec_jax import config as config_lib
 from rallrec_jax import data, pipeline, report
-from rallrec_jax.eval import bootstrap, metrics, recommend
+from rallrec_jax.eval import blend, bootstrap, metrics, recommend
 from rallrec_jax.retrieval import index as index_lib
 from tests.test_config import load_config
 from tests.test_report import fake_scores, make_run
@@ -140,7 +140,7 @@ def test_an_unknown_id_is_an_error_naming_it(zero_shot):
     rec.recommend("nobody")
 
 
-def test_the_stage_writes_lists_and_four_rows(zero_shot, tmp_path):
+def test_the_stage_writes_lists_and_five_rows(zero_shot, tmp_path):
   cfg, workdir, rec = zero_shot
   assert pipeline.run(cfg, workdir, stages=["recommend"]) == {"recommend": "ran"}
   found = json.loads((workdir / "recommend" / "metrics.json").read_text())
@@ -148,7 +148,12 @@ def test_the_stage_writes_lists_and_four_rows(zero_shot, tmp_path):
   assert (found["n"], found["candidates"], found["users"]) == (4, 8, 6)
   rows = found["rows"]
   for key in ("recall@4", "ndcg@4", "hit_rate@4"):
-    assert rows["oracle"][key] >= max(rows["index"][key], rows["llm_rerank"][key])
+    assert rows["oracle"][key] >= max(rows[name][key] for name in recommend.ROWS[1:-1])
+  chosen = found["blend"]
+  assert chosen["chosen_on"] == "valid" and chosen["valid_users"] > 0
+  assert sum(chosen["weights"].values()) == pytest.approx(1.0)
+  weights = tuple(chosen["weights"][f] for f in blend.FEATURES)
+  assert chosen["valid_ndcg@4"][blend.label(weights)] == max(chosen["valid_ndcg@4"].values())
   lists = [json.loads(x) for x in (workdir / "recommend" / "lists.jsonl").read_text()
            .splitlines()]
   assert len(lists) == 6
@@ -162,7 +167,7 @@ def test_the_stage_writes_lists_and_four_rows(zero_shot, tmp_path):
   entry = lists[0]
   np.testing.assert_allclose(rec.score(entry["user"], entry["items"][:2]), entry["scores"][:2],
                              atol=2e-5)
-  # report shows the four rows under the run's AUC table.
+  # report shows the five rows under the run's AUC table.
   run = make_run(tmp_path / "run", *fake_scores(200, 1.0, seed=0))
   (run / "recommend").mkdir()
   (run / "recommend" / "metrics.json").write_bytes(
@@ -171,7 +176,7 @@ def test_the_stage_writes_lists_and_four_rows(zero_shot, tmp_path):
   lines = [line for line in table.splitlines() if line.startswith("| ") and "[run]" in line]
   titles = [line.split("|")[1].strip() for line in lines]
   assert titles == [f"{report.RECOMMEND_TITLES[k]} [run]" for k in recommend.ROWS]
-  cells = [c.strip() for c in lines[3].strip("|").split("|")]
+  cells = [c.strip() for c in lines[4].strip("|").split("|")]
   assert cells[3] == f"{rows['oracle']['recall@4']:.4f}"
   assert any("recommend stage" in n for n in notes)
 
@@ -193,6 +198,18 @@ def test_a_config_json_reads_back_as_the_config_it_was():
   back = config_lib.from_resolved(json.loads(cfg.to_json_best_effort()))
   assert back.to_dict() == cfg.to_dict()
   assert config_lib.from_resolved({"recommend": {"n": 3}, "gone": 1}).recommend.n == 3
+
+
+def test_known_counts_cut_each_timeline_before_the_first_sample_of_a_split_or_a_later_one():
+  split = lambda user, pos: types.SimpleNamespace(user=np.array(user), pos=np.array(pos))
+  dataset = types.SimpleNamespace(
+      timelines=types.SimpleNamespace(offsets=np.array([0, 10, 16, 20, 27])),
+      splits={"valid": split([0, 0, 2], [6, 7, 3]), "test": split([0, 1, 3], [9, 4, 5])})
+  np.testing.assert_array_equal(recommend.known_counts(dataset, "end"), [10, 6, 4, 7])
+  np.testing.assert_array_equal(recommend.known_counts(dataset, "test"), [9, 4, 4, 5])
+  np.testing.assert_array_equal(recommend.known_counts(dataset, "valid"), [6, 4, 3, 5])
+  with pytest.raises(ValueError, match="until must be one of"):
+    recommend.known_counts(dataset, "train")
 
 
 def test_evaluated_users_are_those_with_a_liked_test_item_spread_over_the_list():

@@ -3,7 +3,7 @@ NDCG and hit rate at n)."""
 import numpy as np
 
 
-def _ranks(scores):
+def ranks(scores):
   """1-based ranks with ties given their average rank."""
   order = np.argsort(scores, kind="mergesort")
   sorted_scores = scores[order]
@@ -23,7 +23,7 @@ def auc(labels, scores):
   negatives = len(labels) - positives
   if positives == 0 or negatives == 0:
     raise ValueError("AUC needs both positive and negative labels")
-  rank_sum = _ranks(scores)[labels].sum()
+  rank_sum = ranks(scores)[labels].sum()
   return float((rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
 
 

@@ -24,25 +24,27 @@ import numpy as np
 from rallrec_jax import config as config_lib
 from rallrec_jax import data, workdir_model
 from rallrec_jax.data.schema import Samples
-from rallrec_jax.eval import bootstrap, evaluate, metrics, weights as weights_lib
+from rallrec_jax.eval import blend, bootstrap, evaluate, metrics, weights as weights_lib
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import candidates as candidates_lib
 from rallrec_jax.retrieval import history, index as index_lib
 
 SPLIT = "recommend"   # the name under which the (user, candidate) pairs are retrieved and rendered
-UNTIL = ("test", "end")
-ROWS = ("most_popular", "index", "llm_rerank", "oracle")
+UNTIL = ("valid", "test", "end")
+ROWS = ("most_popular", "index", "llm_rerank", "blend", "oracle")
 
 
 def known_counts(dataset, until="test"):
   """int64 [num_users]: how many of each user's first timeline rows are known: those before the
-  user's first test sample ("test"; all for a user without one) or all of them ("end")."""
+  user's first sample of the `until` split or a later one ("valid": before validation and test,
+  "test": before test; all for a user without one), or all of them ("end")."""
   if until not in UNTIL:
     raise ValueError(f"until must be one of {UNTIL}, got {until!r}")
   count = np.diff(dataset.timelines.offsets).astype(np.int64)
-  test = dataset.splits.get("test")
-  if until == "test" and test is not None and len(test):
-    np.minimum.at(count, test.user.astype(np.int64), test.pos.astype(np.int64))
+  for split in UNTIL[UNTIL.index(until):-1]:
+    found = dataset.splits.get(split)
+    if found is not None and len(found.user):
+      np.minimum.at(count, found.user.astype(np.int64), found.pos.astype(np.int64))
   return count
 
 
@@ -53,14 +55,18 @@ def seen_csr(dataset, known):
                            for u in range(dataset.num_users)])
 
 
+def train_likes(dataset):
+  """float64 [num_items]: each item's liked train samples, the popularity of `most_popular`."""
+  train = dataset.splits["train"]
+  return np.bincount(train.target, weights=train.label.astype(np.float64),
+                     minlength=dataset.num_items)
+
+
 def most_popular(dataset, seen, users, n):
   """int64 [len(users), n]: the items with the most liked train samples (ties: more train
   samples, then the lower id), each user's known items left out; -1 pads short rows."""
-  train = dataset.splits["train"]
-  likes = np.bincount(train.target, weights=train.label.astype(np.float64),
-                      minlength=dataset.num_items)
-  count = np.bincount(train.target, minlength=dataset.num_items)
-  ranked = np.lexsort((np.arange(dataset.num_items), -count, -likes))
+  count = np.bincount(dataset.splits["train"].target, minlength=dataset.num_items)
+  ranked = np.lexsort((np.arange(dataset.num_items), -count, -train_likes(dataset)))
   out = np.full((len(users), n), -1, np.int64)
   for row, user in enumerate(users):
     skip = seen.items[seen.offsets[user]:seen.offsets[user + 1]]
@@ -97,6 +103,14 @@ def ranking_rows(rows, offsets, items, resamples=1000, seed=0):
   return out
 
 
+def by_score(candidates, scores):
+  """(candidates, scores) of each row sorted by score, best first (ties keep the given order);
+  -1 padding (score NaN) stays last."""
+  order = np.argsort(np.where(candidates >= 0, -scores, np.inf), axis=1, kind="stable")
+  return (np.take_along_axis(candidates, order, axis=1),
+          np.take_along_axis(scores, order, axis=1))
+
+
 def load_index(cfg, workdir, vectors):
   """The `index` stage's ScaNN index when it saved one, else the configured index built anew
   (exact search of a small catalogue takes no training)."""
@@ -126,7 +140,7 @@ class Recommender:
 
   def __init__(self, cfg, dataset, lm, vectors, index, trained, step=None, until="test"):
     self.cfg, self.dataset, self.lm, self.vectors, self.index = cfg, dataset, lm, vectors, index
-    self.trained, self.step = trained, step
+    self.trained, self.step, self.until = trained, step, until
     self.known = known_counts(dataset, until)
     self.seen = seen_csr(dataset, self.known)
     self._users, self._items = _raw_ids(dataset.users, "user"), _raw_ids(dataset.items, "item")
@@ -151,6 +165,11 @@ class Recommender:
     vectors = np.load(workdir / "embeddings" / "mixed.npy")
     return cls(cfg, dataset, lm, vectors, load_index(cfg, workdir, vectors), trained, step,
                until)
+
+  def at(self, until):
+    """The same recommender (model, weights, index) with the known history cut at `until`."""
+    return Recommender(self.cfg, self.dataset, self.lm, self.vectors, self.index, self.trained,
+                       self.step, until)
 
   def user_index(self, user_id):
     """The canonical id of a raw user id; ValueError naming it when unknown."""
@@ -205,18 +224,20 @@ class Recommender:
     found, _ = self.index.search(queries, m, exclude=mine if exclude_seen else None)
     return np.asarray(found, np.int64)
 
-  def rerank(self, users, candidates, progress=True):
-    """(items [U, M], P(yes) [U, M]): each row's candidates sorted by P(yes), best first (ties
-    keep the index order); -1 padding stays last with score NaN."""
-    users = np.asarray(users, np.int64)
+  def candidate_scores(self, users, candidates, progress=True):
+    """float64 [U, M]: P(yes) of each row's candidates for that row's user (NaN for -1)."""
     candidates = np.asarray(candidates, np.int64)
     filled = candidates >= 0
     scores = np.full(candidates.shape, np.nan)
-    scores[filled] = self.score_pairs(np.broadcast_to(users[:, None], candidates.shape)[filled],
-                                      candidates[filled], progress)
-    order = np.argsort(np.where(filled, -scores, np.inf), axis=1, kind="stable")
-    return (np.take_along_axis(candidates, order, axis=1),
-            np.take_along_axis(scores, order, axis=1))
+    pair_users = np.broadcast_to(np.asarray(users, np.int64)[:, None], candidates.shape)
+    scores[filled] = self.score_pairs(pair_users[filled], candidates[filled], progress)
+    return scores
+
+  def rerank(self, users, candidates, progress=True):
+    """(items [U, M], P(yes) [U, M]): each row's candidates sorted by P(yes), best first (ties
+    keep the index order); -1 padding stays last with score NaN."""
+    candidates = np.asarray(candidates, np.int64)
+    return by_score(candidates, self.candidate_scores(users, candidates, progress))
 
   def score(self, user_id, item_ids):
     """P(yes) (float64 [len(item_ids)]) of a raw user id for each raw item id."""
@@ -233,12 +254,12 @@ class Recommender:
     return [(self.raw_item(i), float(s)) for i, s in zip(items[0], scores[0]) if i >= 0][:n]
 
 
-def evaluated_users(dataset, max_users):
-  """Users with a liked test sample (ascending id), `max_users` of them spread over the list
-  (0: all), and their liked test items (a Csr, one row per chosen user)."""
-  test = dataset.splits["test"]
-  liked = test.label.astype(bool)
-  user, target = test.user[liked].astype(np.int64), test.target[liked].astype(np.int64)
+def evaluated_users(dataset, max_users, split="test"):
+  """Users with a liked sample in `split` (ascending id), `max_users` of them spread over the
+  list (0: all), and their liked items of that split (a Csr, one row per chosen user)."""
+  samples = dataset.splits[split]
+  liked = samples.label.astype(bool)
+  user, target = samples.user[liked].astype(np.int64), samples.target[liked].astype(np.int64)
   order = np.lexsort((target, user))
   user, target = user[order], target[order]
   users = np.unique(user)
@@ -247,22 +268,48 @@ def evaluated_users(dataset, max_users):
   return users, index_lib.as_csr([np.unique(target[a:b]) for a, b in zip(start, end)])
 
 
-def evaluate_recommendations(rec, max_users, m, n, resamples=1000, seed=0):
-  """(lists, metrics) of the `recommend` stage: each evaluated user's reranked candidates with
-  their P(yes), and the four rows' ranking metrics at n (`ranking_rows`)."""
-  users, relevant = evaluated_users(rec.dataset, max_users)
+def _ranked_period(rec, split, max_users, m):
+  """(users, their liked `split` items, candidates [U, m], P(yes) [U, m] in candidate order)
+  of a recommender whose known history is cut before `split` (`rec.at(split)`)."""
+  users, relevant = evaluated_users(rec.dataset, max_users, split)
   if not len(users):
-    raise ValueError("no user has a liked test sample, so there is nothing to recommend against")
+    raise ValueError(f"no user has a liked {split} sample, so there is nothing to recommend "
+                     "against")
   found = rec.candidates(users, m)
-  reranked, scores = rec.rerank(users, found)
+  return users, relevant, found, rec.candidate_scores(users, found)
+
+
+def _blend_weights(rec, max_users, m, n):
+  """(weights, summary) of the blend (`recommend.blend`) chosen on the users with a liked
+  validation sample, their history cut before validation."""
+  users, relevant, found, scores = _ranked_period(rec.at("valid"), "valid", max_users, m)
+  found_features = blend.features(found, scores, train_likes(rec.dataset))
+  weights, table = blend.choose(found, found_features, relevant.offsets, relevant.items, n)
+  return weights, {"weights": dict(zip(blend.FEATURES, weights)), "chosen_on": "valid",
+                   "valid_users": int(len(users)), f"valid_ndcg@{n}": table}
+
+
+def evaluate_recommendations(rec, max_users, m, n, resamples=1000, seed=0, blended=True):
+  """(lists, metrics) of the `recommend` stage: each evaluated user's reranked candidates with
+  their P(yes), and the rows' ranking metrics at n (`ranking_rows`), with `blended` the blend
+  of weights chosen on validation users (`blend`), reported with the metrics."""
+  chosen = _blend_weights(rec, max_users, m, n) if blended else None
+  rec = rec.at("test")
+  users, relevant, found, scores = _ranked_period(rec, "test", max_users, m)
+  reranked, sorted_scores = by_score(found, scores)
   rows = {"most_popular": most_popular(rec.dataset, rec.seen, users, n),
-          "index": found[:, :n], "llm_rerank": reranked[:, :n],
-          "oracle": oracle(found, relevant.offsets, relevant.items, n)}
+          "index": found[:, :n], "llm_rerank": reranked[:, :n]}
+  if chosen:
+    found_features = blend.features(found, scores, train_likes(rec.dataset))
+    rows["blend"] = blend.rank(found, found_features, chosen[0])[:, :n]
+  rows["oracle"] = oracle(found, relevant.offsets, relevant.items, n)
   table = ranking_rows(rows, relevant.offsets, relevant.items, resamples, seed)
   lists = [{"user": rec.dataset.users[u]["raw_id"],
             "items": [rec.raw_item(i) for i in row if i >= 0],
             "scores": [round(float(s), 6) for s in score[row >= 0]]}
-           for u, row, score in zip(users, reranked, scores)]
+           for u, row, score in zip(users, reranked, sorted_scores)]
   summary = {"n": n, "candidates": int(found.shape[1]), "users": int(len(users)),
              "step": rec.step, "rows": table}
+  if chosen:
+    summary["blend"] = chosen[1]
   return lists, summary

@@ -99,13 +99,17 @@ def recommend_stage(cfg, workdir):
   workdir = Path(workdir)
   r = cfg.recommend
   rec = recommend.Recommender.from_workdir(workdir, str(r.checkpoint), cfg=cfg)
-  lists, summary = recommend.evaluate_recommendations(rec, r.max_users, r.candidates, r.n)
+  lists, summary = recommend.evaluate_recommendations(rec, r.max_users, r.candidates, r.n,
+                                                      blended=r.blend)
   summary["checkpoint"] = str(r.checkpoint)
   if not distributed.is_primary():
     return
   with atomic.directory(workdir / "recommend") as tmp:
     atomic.write_text(tmp / "lists.jsonl", "".join(json.dumps(x) + "\n" for x in lists))
     stage.save_json(tmp / "metrics.json", summary)
+  if "blend" in summary:
+    log.info("recommend: blend weights %s, chosen on %d validation users",
+             summary["blend"]["weights"], summary["blend"]["valid_users"])
   for name, row in summary["rows"].items():
     log.info("recommend: %-12s recall@%d %.4f ndcg@%d %.4f hit_rate@%d %.4f (%d users)", name,
              r.n, row[f"recall@{r.n}"], r.n, row[f"ndcg@{r.n}"], r.n, row[f"hit_rate@{r.n}"],
@@ -116,12 +120,15 @@ RECOMMEND = Stage(
     name="recommend",
     help="top-n recommendation: for recommend.max_users users with a liked test item (0: all), "
          "the index's recommend.candidates nearest items unseen before the user's first test "
-         "sample, each scored by recommend.checkpoint with the CTR prompt and ranked by P(yes); "
-         "recall, NDCG and hit rate at recommend.n with bootstrap CIs for most-popular, index "
-         "order, LLM rerank and the oracle ceiling of the candidates: writes "
+         "sample, each scored by recommend.checkpoint with the CTR prompt and ranked by P(yes) "
+         "and (recommend.blend) by a blend of P(yes), index order and popularity whose weights "
+         "are chosen on validation users; recall, NDCG and hit rate at recommend.n with "
+         "bootstrap CIs for most-popular, index order, LLM rerank, the blend and the oracle "
+         "ceiling of the candidates: writes "
          "recommend/lists.jsonl and recommend/metrics.json",
     run=recommend_stage,
     config_keys=("recommend", "finetune", "model", "retrieval", "index", "data.max_history"),
     deps=lambda cfg: ("prepare", "mix", "index") + (
         () if str(cfg.recommend.checkpoint) == "none" else ("finetune",)),
-    outputs=("recommend",), external_inputs=workdir_model.model_files, distributed=True)
+    outputs=("recommend",), external_inputs=workdir_model.model_files, version=2,
+    distributed=True)
