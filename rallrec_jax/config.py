@@ -121,9 +121,11 @@ def base_config():
   # list with the user's like count and mean rating over it (rallrec_jax/prompts/templates.py).
   # `user_lifetime_stats`: and with the user's like-rate and mean rating over every earlier
   # rating (rallrec_jax/prompts/user_lifetime.py). `genres`: name every item with its genres.
+  # `unrated`: add this many unrated negatives per training prompt (an item the user never
+  # rated, answered "No"; rallrec_jax/train/unrated.py), so that P(yes) can rank candidates.
   c.finetune = ml_collections.ConfigDict(dict(
-      variant="rerank", pool_size=8192, mixed_size=1024, max_length=1024, batch_size=8,
-      grad_accum=32, lr=5e-4, weight_decay=0.0, warmup=0, clip_norm=0.0, epochs=20, eval_every=0,
+      variant="rerank", pool_size=8192, mixed_size=1024, unrated=0.0, max_length=1024,
+      batch_size=8, grad_accum=32, lr=5e-4, weight_decay=0.0, warmup=0, clip_norm=0.0, epochs=20, eval_every=0,
       eval_samples=1000, eval_rows="first", patience=5, seed=42, method="lora", loss="answer",
       item_stats=False, user_stats=False, user_lifetime_stats=False, genres=False,
       lora=ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.05,
@@ -308,6 +310,9 @@ def validate(cfg):
          f"must be a non-negative integer (0: every validation sample), got "
          f"{cfg.finetune.eval_samples!r}")
   _check(cfg.finetune.lr > 0, "finetune.lr", f"must be > 0, got {cfg.finetune.lr!r}")
+  _check(0.0 <= cfg.finetune.unrated <= 1.0, "finetune.unrated",
+         f"must lie in [0, 1] (unrated negatives per training prompt), got "
+         f"{cfg.finetune.unrated!r}")
   _check(isinstance(cfg.finetune.warmup, int) and cfg.finetune.warmup >= 0, "finetune.warmup",
          f"must be a non-negative integer (updates), got {cfg.finetune.warmup!r}")
   _check(isinstance(cfg.finetune.clip_norm, (int, float)) and cfg.finetune.clip_norm >= 0,

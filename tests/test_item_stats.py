@@ -80,3 +80,19 @@ def test_prompt_names_the_target_with_its_rate(tmp_path):
 def test_phrase_rounds_to_whole_percent():
   assert item_stats.phrase(0.6449) == "liked by 64% of its earlier raters"
   assert item_stats.phrase(1.0) == "liked by 100% of its earlier raters"
+
+
+def test_unrated_rates_count_the_train_samples_before_their_timestamp():
+  ds = _dataset(seed=3)
+  train = ds.splits["train"]
+  rng = np.random.default_rng(4)
+  ds.splits[item_stats.UNRATED] = _samples(rng, 40, 7, 0)
+  negatives = ds.splits[item_stats.UNRATED]
+  rate = train.label.mean()
+  got = item_stats.target_rates(ds, item_stats.UNRATED, np.arange(40))
+  for i in range(40):
+    earlier = (train.target == negatives.target[i]) & (train.timestamp < negatives.timestamp[i])
+    want = ((train.label[earlier].sum() + item_stats.PRIOR * rate)
+            / (earlier.sum() + item_stats.PRIOR))
+    assert got[i] == pytest.approx(want, abs=1e-12), i
+  assert len(np.unique(got)) > 5

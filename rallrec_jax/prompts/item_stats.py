@@ -9,11 +9,14 @@ Nothing leaks the answer. A valid or test prompt counts every train sample (all 
 before the valid and test periods on chronological splits), as the baseline does. A train
 prompt counts only the train samples before its own one in (timestamp, index) order, so its own
 label and later ones never enter; a leave-one-out count would, since with the item's identity in
-the title the rate minus one like or one dislike gives the label away.
+the title the rate minus one like or one dislike gives the label away. The fine-tune's unrated
+negatives (split UNRATED, `rallrec_jax/train/unrated.py`) are train-period prompts too: they count
+the train samples before their timestamp.
 """
 import numpy as np
 
 PRIOR = 10.0   # pseudo-samples at the global train like-rate added to every item's counts
+UNRATED = "unrated"   # the split name of the fine-tune's unrated negatives
 
 
 def smoothed(likes, count, global_rate):
@@ -34,6 +37,10 @@ def target_rates(dataset, split, samples):
   """Smoothed like-rate [len(samples)] of each sample's target item, as defined above."""
   samples = np.asarray(samples, np.int64)
   likes, count, global_rate = train_counts(dataset)
+  if split == UNRATED:
+    found = dataset.splits[split].take(samples)
+    return smoothed(*_counts_before(dataset.splits["train"], found.target, found.timestamp),
+                    global_rate)
   if split != "train":
     target = dataset.splits[split].target[samples]
     return smoothed(likes[target], count[target], global_rate)
@@ -53,6 +60,18 @@ def _earlier_counts(target, label, timestamp):
   likes[order] = likes_before - likes_before[first]
   count[order] = np.arange(len(t)) - first
   return likes, count
+
+
+def _counts_before(train, target, timestamp):
+  """(likes, count) of the train samples of each `target` item older than its `timestamp`."""
+  order = np.lexsort((train.timestamp, train.target))   # by item, then time
+  items, times = train.target[order], train.timestamp[order]
+  liked = np.concatenate([[0.0], np.cumsum(train.label[order].astype(np.float64))])
+  first = np.searchsorted(items, target, "left")
+  last = np.searchsorted(items, target, "right")
+  end = np.array([a + np.searchsorted(times[a:b], ts, "left")
+                  for a, b, ts in zip(first, last, timestamp)], np.int64)
+  return liked[end] - liked[first], (end - first).astype(np.float64)
 
 
 def phrase(rate):

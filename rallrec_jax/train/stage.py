@@ -2,6 +2,7 @@
 
 Also what the `evaluate` stage shares with it: prompts of a split's rows (the LoRA config and
 the weights that scoring takes are in `rallrec_jax.eval.weights`)."""
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ from rallrec_jax.eval.weights import lora_config, restore_checkpoint, scoring_we
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import history
 from rallrec_jax.stage import Stage
-from rallrec_jax.train import batches, export, loop, sets
+from rallrec_jax.train import batches, export, loop, sets, unrated
 
 log = logging.getLogger("rallrec_jax")
 
@@ -38,6 +39,30 @@ def build_examples(dataset, tokenizer, split, results, pairs, *, labels, max_len
       for key in ("input_ids", "loss_mask", "label", "sample"):
         out[key][position] = built[key][j]
   return out
+
+
+def with_unrated(cfg, dataset, tokenizer, vectors, pairs, examples):
+  """`examples` followed by finetune.unrated x len(pairs) unrated negatives (`unrated`): copies
+  of the first pairs' samples about an item the user never rated, each with its own retrieved
+  history of the same order, answered "No"."""
+  f, r = cfg.finetune, cfg.retrieval
+  copied = pairs[:int(round(f.unrated * len(pairs)))]
+  if not copied:
+    return examples
+  negatives = unrated.samples(dataset, [s for _, s in copied], vectors, seed=f.seed)
+  dataset = dataclasses.replace(dataset, splits={**dataset.splits, unrated.SPLIT: negatives})
+  results = {order: history.retrieve(dataset, unrated.SPLIT, vectors, k=r.k, order=order,
+                                     max_history=cfg.data.max_history, half_life=r.half_life,
+                                     rerank_short=r.rerank_short, batch_size=r.batch_size)
+             for order in {o for o, _ in copied}}
+  extra = build_examples(dataset, tokenizer, unrated.SPLIT, results,
+                         [(o, row) for row, (o, _) in enumerate(copied)],
+                         labels=f.loss == "lm", max_length=f.max_length, **render.wording(f))
+  log.info("finetune: %d prompts and %d unrated negatives", len(pairs), len(copied))
+  return {"input_ids": examples["input_ids"] + extra["input_ids"],
+          "loss_mask": examples["loss_mask"] + extra["loss_mask"],
+          "label": np.concatenate([examples["label"], extra["label"]]),
+          "sample": np.concatenate([examples["sample"], extra["sample"]])}
 
 
 def eval_examples(cfg, workdir, dataset, lm, split, limit, which):
@@ -77,6 +102,7 @@ def finetune(cfg, workdir):
   examples = build_examples(dataset, lm.tokenizer, "train", results, pairs,
                             labels=f.loss == "lm", max_length=f.max_length,
                             **render.wording(f))
+  examples = with_unrated(cfg, dataset, lm.tokenizer, vectors, pairs, examples)
   valid = eval_examples(cfg, workdir, dataset, lm, "valid", f.eval_samples, f.eval_rows)
   yes, no = lm.yes_no_tokens()
   lora_cfg = lora_config(cfg)
@@ -88,7 +114,7 @@ def finetune(cfg, workdir):
             if v is not None}
 
   per_update = f.batch_size * f.grad_accum
-  updates_per_epoch = max(1, -(-len(pairs) // per_update))
+  updates_per_epoch = max(1, -(-len(examples["label"]) // per_update))
   pad = lm.tokenizer.pad_token_id or 0
 
   def train_batches(position):
@@ -108,7 +134,7 @@ def finetune(cfg, workdir):
     raise stage.Preempted(f"stopped by SIGTERM at step {summary['step']}, checkpoint saved in "
                           f"{workdir / 'checkpoints'}; rerun the same command to resume")
   if primary:
-    stage.save_json(workdir / "finetune.json", {**summary, "examples": len(pairs),
+    stage.save_json(workdir / "finetune.json", {**summary, "examples": len(examples["label"]),
                                                 "updates_per_epoch": updates_per_epoch})
   log.info("finetune: %s at step %s; best valid AUC %s at step %s", summary["status"],
            summary["step"], summary["best_auc"], summary["best_step"])
