@@ -6,6 +6,7 @@ import jax
 import pytest
 
 from rallrec_jax import config as config_lib, parallel
+from rallrec_jax.eval import results as results_lib
 from rallrec_jax.llm import model
 from rallrec_jax.llm.config import LMConfig
 from tests.conftest import REPO
@@ -155,6 +156,19 @@ def test_ml100k_cpu_recipe_sets_the_measured_fine_tune_and_validates(tmp_path):
   assert cpu.data.to_dict() == paper.data.to_dict()
   with pytest.raises(config_lib.ConfigError, match="recipe.*'gpu' is not one of"):
     load_config("ml100k", "path=/x,recipe=gpu")
+
+
+def test_ml100k_lifetime4k_recipe_is_the_measured_run_and_its_average_exists(tmp_path):
+  cfg = load_config("ml100k", f"path={tmp_path},recipe=cpu_lifetime4k")
+  config_lib.validate(cfg)
+  f = cfg.finetune
+  assert (f.pool_size, f.batch_size * f.grad_accum, f.epochs, f.user_lifetime_stats, f.variant,
+          cfg.retrieval.order, cfg.mix.variant) == (4096, 16, 1, True, "simple", "simple", "cf")
+  # The averaged steps are checkpoints the run saves: every eval_every updates up to the last.
+  last = f.pool_size // (f.batch_size * f.grad_accum)
+  saved = set(range(f.eval_every, last + 1, f.eval_every))
+  steps = results_lib.mean_steps(cfg.eval.checkpoint)
+  assert steps[-1] == last and set(steps) <= saved and len(steps) == 5
 
 
 def test_model_rules_default_to_the_table_and_cover_every_array_of_the_model():
