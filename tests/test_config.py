@@ -169,6 +169,7 @@ def test_ml100k_lifetime4k_recipe_is_the_measured_run_and_its_average_exists(tmp
   saved = set(range(f.eval_every, last + 1, f.eval_every))
   steps = results_lib.mean_steps(cfg.eval.checkpoint)
   assert steps[-1] == last and set(steps) <= saved and len(steps) == 5
+  assert cfg.recommend.checkpoint == cfg.export.checkpoint == cfg.eval.checkpoint
 
 
 def test_model_rules_default_to_the_table_and_cover_every_array_of_the_model():
