@@ -116,7 +116,8 @@ RECOMMEND = Stage(
     name="recommend",
     help="top-n recommendation: for recommend.max_users users with a liked test item (0: all), "
          "the index's recommend.candidates nearest items unseen before the user's first test "
-         "sample, each scored by recommend.checkpoint with the CTR prompt and ranked by P(yes); "
+         "sample, each scored by recommend.checkpoint with the CTR prompt and ranked by P(yes) "
+         "(recommend.prefix_cache: a user's shared token prefix run once into a KV cache); "
          "recall, NDCG and hit rate at recommend.n with bootstrap CIs for most-popular, index "
          "order, LLM rerank and the oracle ceiling of the candidates: writes "
          "recommend/lists.jsonl and recommend/metrics.json",
