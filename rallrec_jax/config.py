@@ -30,9 +30,11 @@ EVAL_ROWS = ("first", "spread")
 # Keys that decide how a stage runs, not what it computes. Stage fingerprints and resume keys
 # leave them out, so another mesh, sharding table, remat policy, attention kernel, layout of the
 # layers or inference batch size neither reruns a finished stage nor throws away a stage's
-# partial work (checkpoints hold the layers apart in either layout).
+# partial work (checkpoints hold the layers apart in either layout); nor does scoring with or
+# without the shared-prefix cache, which gives the same scores.
 EXECUTION_KEYS = ("model.mesh", "model.rules", "model.remat", "model.attention",
-                  "model.scan_layers", "retrieval.batch_size", "eval.batch_size")
+                  "model.scan_layers", "retrieval.batch_size", "eval.batch_size",
+                  "recommend.prefix_cache")
 
 # Keys added with a default other than what the code did before they existed: a manifest
 # written before them reads as this value, not as today's default.
@@ -143,8 +145,10 @@ def base_config():
   # spread over them; 0: all), the index's `candidates` nearest unseen items reranked by the
   # tuned LLM's P(yes) (checkpoint: as eval.checkpoint), measured at `n`; with `blend`, also
   # by a blend of P(yes), index order and popularity whose weights are chosen on validation users.
+  # `prefix_cache` runs the token prefix a user's prompts share once into a KV cache and scores
+  # only the rest of each (the same P(yes) up to float rounding); false scores every prompt whole.
   c.recommend = ml_collections.ConfigDict(dict(
-      candidates=50, n=10, checkpoint="best", max_users=200, blend=True))
+      candidates=50, n=10, checkpoint="best", max_users=200, blend=True, prefix_cache=True))
 
   c.retrieval = r = ml_collections.ConfigDict()
   r.k = 30                    # history items per prompt

@@ -1,5 +1,6 @@
 """Top-n recommendation: ranking metrics against a brute-force oracle, the Recommender API on
 the shrunk quickstart (zero-shot), the `recommend` stage and its rows in `report`."""
+import dataclasses
 import json
 import re
 import types
@@ -10,6 +11,7 @@ import pytest
 from rallrec_jax import config as config_lib
 from rallrec_jax import data, pipeline, report
 from rallrec_jax.eval import blend, bootstrap, metrics, recommend
+from rallrec_jax.llm import prefix_score
 from rallrec_jax.retrieval import index as index_lib
 from tests.test_config import load_config
 from tests.test_report import fake_scores, make_run
@@ -129,6 +131,39 @@ def test_recommend_is_sorted_unseen_and_scored_like_score(zero_shot):
   assert {rec.item_index(i) for i, _ in everything} & set(known.tolist())
 
 
+@pytest.mark.parametrize("order", ["simple", "rerank"])
+def test_the_prefix_cache_gives_the_scores_and_ranking_of_whole_prompts(zero_shot, monkeypatch,
+                                                                        order):
+  cfg, _, rec = zero_shot
+  users = recommend.evaluated_users(rec.dataset, 3)[0]
+  found = rec.candidates(users, 8)
+
+  # One device: on the tests' 8-way mesh the prefix would run once per device, more work
+  # than 8 whole prompts spread over the devices, and every group would be scored whole.
+  lm = dataclasses.replace(rec.lm, mesh=None)
+
+  def reranked(prefix_cache):
+    other = config_lib.apply_overrides(cfg, {"retrieval.order": order,
+                                             "recommend.prefix_cache": prefix_cache})
+    return recommend.Recommender(other, rec.dataset, lm, rec.vectors, rec.index,
+                                 rec.trained).rerank(users, found, progress=False)
+
+  groups = []
+  real = prefix_score.group_logits
+  monkeypatch.setattr(prefix_score, "group_logits",
+                      lambda lm, tokens, *a, **k: groups.append(len(tokens)) or real(
+                          lm, tokens, *a, **k))
+  items, scores = reranked(True)
+  # The simple order's history does not depend on the target: each user's 8 prompts differ
+  # only from the target's title on, and share their prefix.
+  if order == "simple":
+    assert groups == [8] * len(users)
+  whole_items, whole_scores = reranked(False)
+  np.testing.assert_array_equal(items, whole_items)
+  np.testing.assert_allclose(scores, whole_scores, atol=2e-5)
+  assert np.ptp(scores) > 1e-3
+
+
 def test_an_unknown_id_is_an_error_naming_it(zero_shot):
   _, workdir, rec = zero_shot
   ds = data.load_dataset(workdir)
@@ -190,6 +225,15 @@ def test_recommend_keys_are_validated(key, value, message):
   cfg = config_lib.apply_overrides(config_lib.base_config(), {key: value})
   with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
     config_lib.validate(cfg)
+
+
+def test_prefix_cache_is_a_bool_and_an_execution_key():
+  with pytest.raises(TypeError, match="prefix_cache"):
+    config_lib.apply_overrides(config_lib.base_config(), {"recommend.prefix_cache": "yes"})
+  cfg = config_lib.apply_overrides(config_lib.base_config(), {"recommend.prefix_cache": False})
+  assert "prefix_cache" not in config_lib.result_config(cfg, "recommend")
+  assert config_lib.result_config(cfg, "recommend") == config_lib.result_config(
+      config_lib.base_config(), "recommend")
 
 
 def test_a_config_json_reads_back_as_the_config_it_was():

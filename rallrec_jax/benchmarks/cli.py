@@ -12,6 +12,8 @@ with the competitor measured in the same run and the ratio.
   python -m rallrec_jax.bench index                     ScaNN vs exact search, 1M x 128
   python -m rallrec_jax.bench retrieve                  history retrieval over 1M samples
   python -m rallrec_jax.bench retrieval-quality         test AUC of retrieved history (ML-100K)
+  python -m rallrec_jax.bench prefix-score --workdir W  one user's candidates: shared-prefix
+                                                        KV cache vs every prompt whole
 
 prepare: the `prepare` stage (parse, build samples and splits, write W/data/) on synthetic
 ratings written in the ML-1M file format, run in a fresh process so that its peak memory is
@@ -170,6 +172,19 @@ def main(argv=None):
   quality.add_argument("--config", default=None,
                        help="a config file[:arg] (e.g. configs/quickstart.py) whose data and "
                             "representations to measure instead of ML-100K's")
+  prefix = sub.add_parser("prefix-score",
+                          help="one user's candidate prompts: the shared prefix run once into "
+                               "a KV cache vs every prompt scored whole")
+  prefix.add_argument("--workdir", default=None,
+                      help="workdir with index and finetune done (read only): the recommend "
+                           "stage's prompts of its first evaluated user")
+  prefix.add_argument("--model-dir", default=os.environ.get("RALLREC_SMOLLM2"),
+                      help="HF model folder (default $RALLREC_SMOLLM2; without --workdir: "
+                           "synthetic prompts)")
+  prefix.add_argument("--checkpoint", default="best", help="as recommend.checkpoint")
+  prefix.add_argument("--candidates", type=int, default=50)
+  prefix.add_argument("--batch", type=int, default=10, help="rows per batch, both paths")
+  prefix.add_argument("--dtype", default="float32", help="comma-separated precisions")
   args = parser.parse_args(argv)
   # Imported here: each benchmark pulls in only what it measures.
   # pylint: disable=import-outside-toplevel
@@ -206,6 +221,11 @@ def main(argv=None):
                                         args.model_dir,
                                         "description" if args.descriptions else "template")
     _emit(bench_quality.bench_retrieval_quality(args.workdir, cfg))
+  elif args.bench == "prefix-score":
+    from rallrec_jax.benchmarks import prefix as bench_prefix
+    for dtype in args.dtype.split(","):
+      _emit(bench_prefix.bench_prefix_scoring(args.workdir, args.model_dir, args.checkpoint,
+                                              args.candidates, args.batch, dtype))
 
 
 if __name__ == "__main__":

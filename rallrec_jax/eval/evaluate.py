@@ -12,7 +12,7 @@ import numpy as np
 
 from rallrec_jax import atomic, distributed, progress as progress_lib
 from rallrec_jax.eval import metrics
-from rallrec_jax.llm import score
+from rallrec_jax.llm import prefix_score, score
 from rallrec_jax.train import batches
 
 # Temperatures searched by `fit_temperature`, as log10 bounds, and the search's step count.
@@ -32,13 +32,7 @@ def score_examples(lm, examples, yes_id, no_id, adapters=None, lora_cfg=None, ba
   With a mesh, `batch_size` must divide by the mesh's batch ways. `progress` shows a bar (on
   process 0) with prompts/s.
   """
-  if any(np.any(m) for m in examples["loss_mask"]):
-    raise ValueError("scoring needs prompt-only examples (build_examples with labels=False)")
-  if (adapters is None) != (lora_cfg is None):
-    raise ValueError("pass both adapters and lora_cfg, or neither")
-  lengths = np.array([len(ids) for ids in examples["input_ids"]], np.int64)
-  if (lengths == 0).any():
-    raise ValueError(f"example {int(np.argmax(lengths == 0))} has no tokens")
+  lengths = _check_examples(examples, adapters, lora_cfg)
   yes_id, no_id = np.int32(yes_id), np.int32(no_id)
   pad_id = lm.tokenizer.pad_token_id or 0
   params = lm.params if params is None else params
@@ -56,6 +50,56 @@ def score_examples(lm, examples, yes_id, no_id, adapters=None, lora_cfg=None, ba
     bar.update(len(rows))
   bar.close()
   return out
+
+
+def score_groups(lm, examples, groups, yes_id, no_id, adapters=None, lora_cfg=None,
+                 batch_size=16, bucket=32, progress=True, params=None):
+  """[N, 2] float32 (yes, no) logits of prompt-only examples, those of `score_examples` up to
+  float rounding, the prompts of each group (examples with one value of `groups`, such as one
+  user's candidates) sharing one run of their common token prefix (`llm.prefix_score`) where
+  that saves work; the other groups' prompts go to `score_examples` together.
+  """
+  _check_examples(examples, adapters, lora_cfg)
+  groups = np.asarray(groups)
+  if groups.shape != (len(examples["input_ids"]),):
+    raise ValueError(f"groups has shape {groups.shape}, not one value per example "
+                     f"({len(examples['input_ids'])})")
+  weights = dict(adapters=adapters, lora_cfg=lora_cfg, params=params)
+  multiple = score.batch_multiple(lm.mesh, lm.rules)
+  shared, alone = [], []
+  for value in np.unique(groups):
+    rows = np.flatnonzero(groups == value)
+    tokens = [examples["input_ids"][i] for i in rows]
+    (shared if prefix_score.saves_work(tokens, batch_size, multiple, bucket) else alone).append(
+        rows)
+  out = np.zeros((len(groups), 2), np.float32)
+  if alone:
+    rows = np.concatenate(alone)
+    subset = {key: [examples[key][i] for i in rows] for key in ("input_ids", "loss_mask")}
+    out[rows] = score_examples(lm, subset, yes_id, no_id, batch_size=batch_size, bucket=bucket,
+                               progress=progress, **weights)
+  bar = progress_lib.bar(total=sum(map(len, shared)), desc="score (shared prefixes)",
+                         unit="prompt", disable=not shared or not progress
+                         or not distributed.is_primary())
+  for rows in shared:
+    out[rows] = prefix_score.group_logits(lm, [examples["input_ids"][i] for i in rows], yes_id,
+                                          no_id, batch_size=batch_size, **weights)
+    bar.update(len(rows))
+  bar.close()
+  return out
+
+
+def _check_examples(examples, adapters, lora_cfg):
+  """The examples' prompt lengths, after checking that they are prompt-only and not empty and
+  that adapters come with their config."""
+  if any(np.any(m) for m in examples["loss_mask"]):
+    raise ValueError("scoring needs prompt-only examples (build_examples with labels=False)")
+  if (adapters is None) != (lora_cfg is None):
+    raise ValueError("pass both adapters and lora_cfg, or neither")
+  lengths = np.array([len(ids) for ids in examples["input_ids"]], np.int64)
+  if (lengths == 0).any():
+    raise ValueError(f"example {int(np.argmax(lengths == 0))} has no tokens")
+  return lengths
 
 
 def capped_rows(num_rows, limit, rows="first"):

@@ -204,13 +204,19 @@ class Recommender:
                                  **render.wording(cfg.finetune))
 
   def score_pairs(self, users, items, progress=True):
-    """P(yes) (float64) of canonical (user, item) pairs: the one scoring path of this module."""
+    """P(yes) (float64) of canonical (user, item) pairs: the one scoring path of this module.
+
+    With recommend.prefix_cache each user's prompts share one run of their common token
+    prefix (`evaluate.score_groups`), else every prompt is scored whole (`score_examples`)."""
     if not len(users):
       return np.zeros(0)
     yes, no = self.lm.yes_no_tokens()
-    logits = evaluate.score_examples(self.lm, self.examples(users, items), yes, no,
-                                     batch_size=self.cfg.eval.batch_size, progress=progress,
-                                     **self.trained)
+    examples = self.examples(users, items)
+    options = dict(batch_size=self.cfg.eval.batch_size, progress=progress, **self.trained)
+    if self.cfg.recommend.prefix_cache:
+      logits = evaluate.score_groups(self.lm, examples, users, yes, no, **options)
+    else:
+      logits = evaluate.score_examples(self.lm, examples, yes, no, **options)
     return evaluate.p_yes(logits)
 
   def candidates(self, users, m, exclude_seen=True):

@@ -121,6 +121,7 @@ RECOMMEND = Stage(
     help="top-n recommendation: for recommend.max_users users with a liked test item (0: all), "
          "the index's recommend.candidates nearest items unseen before the user's first test "
          "sample, each scored by recommend.checkpoint with the CTR prompt and ranked by P(yes) "
+         "(recommend.prefix_cache: a user's shared token prefix run once into a KV cache) "
          "and (recommend.blend) by a blend of P(yes), index order and popularity whose weights "
          "are chosen on validation users; recall, NDCG and hit rate at recommend.n with "
          "bootstrap CIs for most-popular, index order, LLM rerank, the blend and the oracle "

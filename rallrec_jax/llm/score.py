@@ -21,6 +21,25 @@ from rallrec_jax.llm import lora, padding, tokenizer as tokenizer_lib
 from rallrec_jax.llm.model import Decoder
 
 
+def final_hidden(cfg, params, adapters, lora_cfg, *args, **kwargs):
+  """`Decoder.hidden` (final normed hidden states and the cache) of the base `params`, with the
+  LoRA `adapters` of `lora_cfg` added when given (no dropout)."""
+  if (adapters is None) != (lora_cfg is None):
+    raise ValueError("pass adapters and lora_cfg together, or neither")
+  if adapters is None:
+    return Decoder(cfg).apply({"params": params}, *args, method=Decoder.hidden, **kwargs)
+  return lora.apply(cfg, params, adapters, lora_cfg, *args, method=Decoder.hidden, **kwargs)
+
+
+def answer_logits(cfg, params, hidden, yes_id, no_id):
+  """[B, 2] float32 (yes, no) logits of final hidden states [B, embed]."""
+  rows = Decoder(cfg).apply({"params": params}, jnp.stack([yes_id, no_id]),
+                            method=Decoder.answer_rows)
+  # Full precision: accelerators would otherwise round float32 operands of this tiny product.
+  return jnp.einsum("be,ne->bn", hidden.astype(jnp.float32), rows.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 7))
 def yes_no_logits(cfg, params, input_ids, attention_mask, yes_id, no_id, adapters=None,
                   lora_cfg=None):
@@ -29,18 +48,8 @@ def yes_no_logits(cfg, params, input_ids, attention_mask, yes_id, no_id, adapter
   With `adapters` (of `lora_cfg`) the LoRA deltas join the base `params` (no dropout). Kept
   apart from `p_yes` because a calibrated log-loss needs the logits, not the probability.
   """
-  if (adapters is None) != (lora_cfg is None):
-    raise ValueError("pass adapters and lora_cfg together, or neither")
-  model = Decoder(cfg)
-  args = (input_ids, attention_mask)
-  if adapters is None:
-    hidden, _ = model.apply({"params": params}, *args, method=Decoder.hidden)
-  else:
-    hidden, _ = lora.apply(cfg, params, adapters, lora_cfg, *args, method=Decoder.hidden)
-  rows = model.apply({"params": params}, jnp.stack([yes_id, no_id]), method=Decoder.answer_rows)
-  # Full precision: accelerators would otherwise round float32 operands of this tiny product.
-  return jnp.einsum("be,ne->bn", hidden[:, -1].astype(jnp.float32), rows.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
+  hidden, _ = final_hidden(cfg, params, adapters, lora_cfg, input_ids, attention_mask)
+  return answer_logits(cfg, params, hidden[:, -1], yes_id, no_id)
 
 
 @jax.jit(static_argnums=0)
@@ -69,7 +78,7 @@ def _run(lm, prompts, fn, row_shape, batch_size, chat, bucket, progress):
   """
   tokens = _tokenize(lm.tokenizer, prompts, chat)
   lengths = np.array([len(t) for t in tokens], np.int64)
-  rows_per_batch = padding.round_up(batch_size, _batch_multiple(lm.mesh, lm.rules))
+  rows_per_batch = padding.round_up(batch_size, batch_multiple(lm.mesh, lm.rules))
   yes_id, no_id = (np.int32(i) for i in lm.yes_no_tokens())
   pad_id = lm.tokenizer.pad_token_id or 0
   out = np.zeros((len(tokens),) + row_shape, np.float32)
@@ -98,7 +107,7 @@ def _tokenize(tokenizer, prompts, chat):
   return tokens
 
 
-def _batch_multiple(mesh, rules):
+def batch_multiple(mesh, rules):
   """How many ways the mesh splits the batch: every batch's row count must divide by it."""
   if mesh is None:
     return 1
