@@ -131,6 +131,30 @@ def test_recommend_is_sorted_unseen_and_scored_like_score(zero_shot):
   assert {rec.item_index(i) for i, _ in everything} & set(known.tolist())
 
 
+
+def test_recommend_with_blend_weights_reorders_the_same_candidates(zero_shot):
+  _, workdir, rec = zero_shot
+  ds = data.load_dataset(workdir)
+  raw = ds.users[int(ds.splits["test"].user[0])]["raw_id"]
+  m = rec.cfg.recommend.candidates
+  by_llm = rec.recommend(raw, n=m)
+  assert rec.recommend(raw, n=m, weights={"llm": 1.0}) == by_llm
+  user = rec.user_index(raw)
+  index_order = [rec.raw_item(i) for i in rec.candidates([user], m)[0] if i >= 0]
+  by_index = rec.recommend(raw, n=m, weights={"index": 1.0})
+  assert [i for i, _ in by_index] == index_order
+  assert dict(by_index) == pytest.approx(dict(by_llm))   # the same P(yes), another order
+  likes = recommend.train_likes(ds)
+  popular = [likes[rec.item_index(i)] for i, _ in rec.recommend(raw, n=m,
+                                                                weights={"popularity": 1.0})]
+  assert (np.diff(popular) <= 0).all()
+  for bad, message in [({"llm": 1.0, "clicks": 1.0}, "unknown blend feature 'clicks'"),
+                       ({"llm": -1.0, "index": 2.0}, "must be >= 0"),
+                       ({"llm": 0.0}, "not all 0")]:
+    with pytest.raises(ValueError, match=message):
+      rec.recommend(raw, weights=bad)
+
+
 @pytest.mark.parametrize("order", ["simple", "rerank"])
 def test_the_prefix_cache_gives_the_scores_and_ranking_of_whole_prompts(zero_shot, monkeypatch,
                                                                         order):

@@ -55,14 +55,32 @@ def features(candidates, p_yes, popularity):
           "popularity": row_ranks(popular, filled)}
 
 
-def rank(candidates, found, weights):
-  """int64 [U, M]: each row's candidates by the weighted sum of the feature rank scores `found`
-  (`features`), best first; ties keep the index order and -1 padding stays last."""
+def order(candidates, found, weights):
+  """int64 [U, M]: the column order that sorts each row's candidates by the weighted sum of the
+  feature rank scores `found` (`features`), best first; ties keep the index order and -1
+  padding stays last."""
   candidates = np.asarray(candidates, np.int64)
   score = sum(w * found[name] for name, w in zip(FEATURES, weights))
-  score = np.where(candidates >= 0, score, -np.inf)
-  order = np.argsort(-score, axis=1, kind="stable")
-  return np.take_along_axis(candidates, order, axis=1)
+  return np.argsort(-np.where(candidates >= 0, score, -np.inf), axis=1, kind="stable")
+
+
+def rank(candidates, found, weights):
+  """int64 [U, M]: each row's candidates in `order`."""
+  candidates = np.asarray(candidates, np.int64)
+  return np.take_along_axis(candidates, order(candidates, found, weights), axis=1)
+
+
+def as_weights(weights):
+  """The weight tuple (FEATURES' order) of a {feature: weight} dict such as the recommend
+  stage's chosen `blend.weights`; features left out weigh 0. ValueError on an unknown feature,
+  a negative weight or all zero."""
+  unknown = sorted(set(weights) - set(FEATURES))
+  if unknown:
+    raise ValueError(f"unknown blend feature {unknown[0]!r}; the features are {FEATURES}")
+  out = tuple(float(weights.get(name, 0.0)) for name in FEATURES)
+  if min(out) < 0 or not sum(out) > 0:
+    raise ValueError(f"blend weights must be >= 0 and not all 0, got {dict(weights)}")
+  return out
 
 
 def choose(candidates, found, offsets, items, n, points=None):

@@ -251,12 +251,21 @@ class Recommender:
     items = np.array([self.item_index(i) for i in item_ids], np.int64)
     return self.score_pairs(np.full(len(items), user, np.int64), items, progress=False)
 
-  def recommend(self, user_id, n=10, exclude_seen=True):
-    """The n best of the user's recommend.candidates index candidates (at least n) by P(yes):
+  def recommend(self, user_id, n=10, exclude_seen=True, weights=None):
+    """The n best of the user's recommend.candidates index candidates (at least n) by P(yes),
+    or with `weights` ({"llm": a, "index": b, "popularity": c}, e.g. the `blend.weights` the
+    recommend stage chose in recommend/metrics.json) by that blend (`blend`):
     [(raw item id, P(yes)), ...], best first."""
     user = self.user_index(user_id)
     found = self.candidates([user], max(int(n), self.cfg.recommend.candidates), exclude_seen)
-    items, scores = self.rerank([user], found, progress=False)
+    scores = self.candidate_scores([user], found, progress=False)
+    if weights is None:
+      items, scores = by_score(found, scores)
+    else:
+      found_features = blend.features(found, scores, train_likes(self.dataset))
+      columns = blend.order(found, found_features, blend.as_weights(weights))
+      items = np.take_along_axis(found, columns, axis=1)
+      scores = np.take_along_axis(scores, columns, axis=1)
     return [(self.raw_item(i), float(s)) for i, s in zip(items[0], scores[0]) if i >= 0][:n]
 
 
