@@ -56,12 +56,6 @@ def save(mngr, step, state, meta, layout=PLAIN):
   mngr.wait_until_finished()
 
 
-def abstract(state):
-  """Shape, dtype and sharding of every leaf: the target `restore` lays the state out on."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      state)
-
-
 def read_meta(mngr, step=None):
   """The JSON meta of `step` (default: the newest)."""
   step = mngr.latest_step() if step is None else step
