@@ -67,7 +67,7 @@ def parse_flags(argv):
 
 
 def _preempt(*_):
-  """SIGTERM outside the fine-tune (which saves a checkpoint first): stop where the run is."""
+  """SIGTERM outside a training loop (which saves a checkpoint first): stop where the run is."""
   raise stage.Preempted("stopped by SIGTERM; rerun the same command to continue")
 
 

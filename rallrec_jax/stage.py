@@ -1,16 +1,13 @@
 """What a stage declares (`Stage`), and what stage bodies share: writing artifacts atomically,
-keeping resumable partial work only for the key it was made under, and the SIGTERM signal.
+keeping resumable partial work only for the key it was made under, and the stop on SIGTERM.
 
 Each package that owns a stage declares it in its own `stage.py` beside the code it runs;
 `pipeline` orders, fingerprints, skips and runs them.
 """
-import contextlib
 import dataclasses
 import hashlib
 import json
 import shutil
-import signal
-import threading
 from pathlib import Path
 from typing import Callable
 
@@ -20,25 +17,8 @@ from rallrec_jax import atomic
 
 
 class Preempted(RuntimeError):
-  """The run stopped on SIGTERM (the fine-tune after saving a checkpoint); rerunning the same
+  """The run stopped on SIGTERM (a training loop after saving a checkpoint); rerunning the same
   command continues it."""
-
-
-@contextlib.contextmanager
-def sigterm_deferred():
-  """Within: a SIGTERM waits for the block to end, then meets the handler it would have met
-  (rallrec_jax.main's raises Preempted), so that a checkpoint being written is finished whole."""
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-  received = []
-  previous = signal.signal(signal.SIGTERM, lambda *_: received.append(True))
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-    if received:
-      signal.raise_signal(signal.SIGTERM)
 
 
 @dataclasses.dataclass(frozen=True)

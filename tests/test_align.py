@@ -6,7 +6,7 @@ import pytest
 
 from rallrec_jax.align import contrastive, mix
 
-QUIET = {"log": lambda _: None, "progress": False}
+QUIET = {"progress": False}
 
 
 def _unit_rows(rng, n, d):

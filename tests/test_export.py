@@ -17,7 +17,7 @@ from rallrec_jax import pipeline, workdir_model
 from rallrec_jax.llm import LM, Decoder, hf_io, lora, peft_io
 from rallrec_jax.llm import tokenizer as tokenizer_lib
 from rallrec_jax.llm.config import CheckpointError, LMConfig
-from rallrec_jax.train import checkpoint, export
+from rallrec_jax.train import checkpoint, export, layout
 from rallrec_jax.train import stage as train_stage
 from tests.conftest import REPO
 from tests.llm_fixtures import random_batch, tiny_hf_model
@@ -227,8 +227,8 @@ def write_checkpoints(workdir, lm, lora_cfg, weights_by_step, best_step):
   naming the best step."""
   mngr = checkpoint.manager(workdir / "checkpoints")
   for step, weights in weights_by_step.items():
-    meta = {"best_step": best_step, "done": True, **checkpoint.compat(lm.cfg, lora_cfg)}
-    checkpoint.save(mngr, step, {"weights": weights}, meta)
+    checkpoint.save(mngr, step, {"weights": weights}, {"best_step": best_step},
+                    layout.PerLayer(lm.cfg, lora_cfg))
   mngr.close()
 
 

@@ -1,4 +1,5 @@
 """LightGCN: propagation and gradients against dense numpy, negatives, metrics, training, resume."""
+import logging
 import math
 
 import jax
@@ -173,7 +174,7 @@ def test_training_beats_random_embeddings_on_ml100k(ml100k_path):
   before = lightgcn.recall_ndcg(*lightgcn.propagate(random, graph, 3), positives, eval_pairs, 20)
   # Defaults (128 dims, 3 layers, Adam 1e-3): recall@20 goes from about 0.013 to 0.084.
   params, history = lightgcn.train(user, item, ds.num_users, ds.num_items, epochs=3,
-                                   eval_pairs=eval_pairs, eval_every=3, log=lambda _: None)
+                                   eval_pairs=eval_pairs, eval_every=3, progress=False)
   assert history[-1]["loss"] < history[0]["loss"]
   assert history[-1]["recall@20"] > 2 * before[0]
   assert history[-1]["ndcg@20"] > 2 * before[1]
@@ -181,18 +182,18 @@ def test_training_beats_random_embeddings_on_ml100k(ml100k_path):
   assert after == pytest.approx((history[-1]["recall@20"], history[-1]["ndcg@20"]))
 
 
-def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
+def test_checkpoint_resume_equals_uninterrupted_run(tmp_path, caplog):
   rng = np.random.default_rng(4)
   user, item = _random_pairs(rng, 20, 30, 160)
   eval_pairs = _random_pairs(rng, 20, 30, 40)
   kwargs = dict(num_users=20, num_items=30, dim=8, num_layers=2, batch_size=32, seed=5,
-                eval_pairs=eval_pairs, k=5)
-  lines = []
-  lightgcn.train(user, item, epochs=2, checkpoint_dir=tmp_path, log=lines.append, **kwargs)
-  resumed, resumed_history = lightgcn.train(user, item, epochs=3, checkpoint_dir=tmp_path,
-                                            log=lines.append, **kwargs)
-  assert any("resumed" in line and "epoch 2" in line for line in lines)
-  whole, whole_history = lightgcn.train(user, item, epochs=3, log=lambda _: None, **kwargs)
+                eval_pairs=eval_pairs, k=5, progress=False)
+  saved = dict(checkpoint_dir=tmp_path / "checkpoints", metrics_path=tmp_path / "metrics.jsonl")
+  lightgcn.train(user, item, epochs=2, **saved, **kwargs)
+  with caplog.at_level(logging.INFO, logger="rallrec_jax"):
+    resumed, resumed_history = lightgcn.train(user, item, epochs=3, **saved, **kwargs)
+  assert "resuming from" in caplog.text and "at step 2" in caplog.text
+  whole, whole_history = lightgcn.train(user, item, epochs=3, **kwargs)
   np.testing.assert_array_equal(resumed["user"], whole["user"])
   np.testing.assert_array_equal(resumed["item"], whole["item"])
   assert [h["epoch"] for h in resumed_history] == [1, 2, 3]

@@ -12,7 +12,8 @@ import pytest
 from rallrec_jax import parallel
 from rallrec_jax.llm import load_pretrained, lora
 from rallrec_jax.llm.model import unstack_layers
-from rallrec_jax.train import fit, loop
+from rallrec_jax.stage import Preempted
+from rallrec_jax.train import finetune, fit, loop
 from tests.llm_fixtures import tiny_hf_model
 
 LORA = lora.LoraConfig(rank=4, dropout=0.0, targets=("q_proj", "v_proj"))
@@ -97,8 +98,8 @@ def test_loss_decreases(full_run):
 
 
 def test_resume_after_sigterm_matches_uninterrupted_run(lm, full_run, tmp_path):
-  first = run(lm, tmp_path, eval_fn=preempt_on_first_eval)
-  assert first["status"] == "preempted" and first["step"] == 3
+  with pytest.raises(Preempted, match="at step 3, checkpoint saved in"):
+    run(lm, tmp_path, eval_fn=preempt_on_first_eval)
   second = run(lm, tmp_path)
   assert second["status"] == "complete" and second["step"] == STEPS
   assert_same_adapters(second["weights"], full_run[1]["weights"], 1e-6)
@@ -126,8 +127,8 @@ def test_rerun_of_complete_run_trains_nothing(lm, full_run, caplog):
 
 def test_resume_in_the_other_layout_matches_uninterrupted_run(lm, folder, full_run, tmp_path):
   scanned = load_pretrained(folder, scan_layers="true")
-  first = run(scanned, tmp_path, eval_fn=preempt_on_first_eval)
-  assert first["status"] == "preempted" and "layers" in first["weights"]
+  with pytest.raises(Preempted, match="at step 3"):
+    run(scanned, tmp_path, eval_fn=preempt_on_first_eval)
   second = run(lm, tmp_path)
   assert second["status"] == "complete" and second["step"] == STEPS
   assert_same_adapters(second["weights"], full_run[1]["weights"], 1e-5)
@@ -140,9 +141,9 @@ def test_checkpoints_hold_layers_apart_in_either_layout(lm, folder, tmp_path, me
   summary = fit(scanned, lora_cfg, batches(4), steps=2, lr=LR,
                 checkpoint_dir=tmp_path / "checkpoints", save_every=1, progress=False)
   per_layer = unstack_layers(summary["weights"], lm.cfg.num_layers)
-  unrolled, _ = loop.restore_weights(lm, lora_cfg, tmp_path / "checkpoints", "latest")
+  unrolled, _ = finetune.restore_weights(lm, lora_cfg, tmp_path / "checkpoints", "latest")
   assert_same_adapters(unrolled, per_layer, 0)
-  restacked, _ = loop.restore_weights(scanned, lora_cfg, tmp_path / "checkpoints", "latest")
+  restacked, _ = finetune.restore_weights(scanned, lora_cfg, tmp_path / "checkpoints", "latest")
   assert_same_adapters(restacked, summary["weights"], 0)
 
 
@@ -151,10 +152,10 @@ def test_restore_weights_reads_a_clipped_accumulated_run(lm, tmp_path, method):
   lora_cfg = LORA if method == "lora" else None
   summary = fit(lm, lora_cfg, batches(4), steps=2, lr=LR, grad_accum=2, clip_norm=0.5,
                 checkpoint_dir=tmp_path / "checkpoints", save_every=1, progress=False)
-  latest, step = loop.restore_weights(lm, lora_cfg, tmp_path / "checkpoints", "latest")
+  latest, step = finetune.restore_weights(lm, lora_cfg, tmp_path / "checkpoints", "latest")
   assert step == 2
   assert_same_adapters(latest, summary["weights"], 0)
-  first, _ = loop.restore_weights(lm, lora_cfg, tmp_path / "checkpoints", 1)
+  first, _ = finetune.restore_weights(lm, lora_cfg, tmp_path / "checkpoints", 1)
   with pytest.raises(AssertionError):
     assert_same_adapters(first, summary["weights"], 1e-6)
 
@@ -164,8 +165,8 @@ def test_mean_weights_are_the_average_of_the_steps(lm, tmp_path, method):
   lora_cfg = LORA if method == "lora" else None
   fit(lm, lora_cfg, batches(4), steps=3, lr=LR, checkpoint_dir=tmp_path / "checkpoints",
       save_every=1, progress=False)
-  steps = [loop.restore_weights(lm, lora_cfg, tmp_path / "checkpoints", s)[0] for s in (1, 3)]
-  mean = loop.restore_mean_weights(lm, lora_cfg, tmp_path / "checkpoints", [1, 3])
+  steps = [finetune.restore_weights(lm, lora_cfg, tmp_path / "checkpoints", s)[0] for s in (1, 3)]
+  mean = finetune.restore_mean_weights(lm, lora_cfg, tmp_path / "checkpoints", [1, 3])
   for got, a, b in zip(jax.tree.leaves(mean), *map(jax.tree.leaves, steps)):
     assert got.dtype == a.dtype and got.sharding == a.sharding
     want = (np.asarray(a, np.float64) + np.asarray(b, np.float64)) / 2
@@ -249,3 +250,15 @@ def test_metrics_hold_each_step_once_after_a_kill(lm, full_run, tmp_path, monkey
   assert [r["step"] for r in records] == list(range(1, STEPS + 1))
   for got, want in zip(records, full, strict=True):
     assert deterministic_fields(got) == pytest.approx(deterministic_fields(want), abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_abstract_state_is_the_layout_of_a_fresh_one(lm, method):
+  lora_cfg = LORA if method == "lora" else None
+  optimizer, _ = finetune._trainer(lm.cfg, lora_cfg, STEPS, LR, 0.0, 2)
+  fresh = finetune._fresh_state(lm, lora_cfg, optimizer, 0)
+  got = finetune.abstract_state(lm, lora_cfg, optimizer)
+  assert jax.tree.structure(got) == jax.tree.structure(fresh)
+  for a, x in zip(jax.tree.leaves(got), jax.tree.leaves(fresh)):
+    assert (a.shape, a.dtype) == (x.shape, x.dtype)
+    assert a.sharding.is_equivalent_to(x.sharding, x.ndim), (a.sharding, x.sharding)

@@ -9,7 +9,7 @@ from rallrec_jax.llm import hf_io, lora, losses
 from rallrec_jax.llm.api import LM
 from rallrec_jax.llm.config import LMConfig
 from rallrec_jax.llm.model import unstack_layers
-from rallrec_jax.train import loop, step as step_lib
+from rallrec_jax.train import finetune, step as step_lib
 from tests.llm_fixtures import tiny_hf_model
 
 YES, NO = 4, 5
@@ -144,10 +144,10 @@ def test_unknown_loss_and_missing_answer_ids_are_errors(tiny):
 
 
 def test_warmup_then_linear_decay():
-  lr = loop.schedule(1.0, 10, warmup=4)
+  lr = finetune.schedule(1.0, 10, warmup=4)
   np.testing.assert_allclose([float(lr(s)) for s in (0, 2, 4, 7, 10)],
                              [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
-  assert float(loop.schedule(1.0, 10)(0)) == 1.0
+  assert float(finetune.schedule(1.0, 10)(0)) == 1.0
 
 
 def test_clip_norm_clips_the_global_norm_before_adamw():
@@ -161,7 +161,7 @@ def test_clip_norm_clips_the_global_norm_before_adamw():
       p = optax.apply_updates(p, updates)
     return np.asarray(p["w"])
 
-  clipped = run(loop.make_optimizer(1e-2, 10, clip_norm=1.0), grads)
-  by_hand = run(loop.make_optimizer(1e-2, 10), [{"w": jnp.array([0.6, 0.8])}, grads[1]])
+  clipped = run(finetune.make_optimizer(1e-2, 10, clip_norm=1.0), grads)
+  by_hand = run(finetune.make_optimizer(1e-2, 10), [{"w": jnp.array([0.6, 0.8])}, grads[1]])
   np.testing.assert_allclose(clipped, by_hand, rtol=1e-6)
-  assert not np.allclose(run(loop.make_optimizer(1e-2, 10), grads), clipped, rtol=1e-3)
+  assert not np.allclose(run(finetune.make_optimizer(1e-2, 10), grads), clipped, rtol=1e-3)

@@ -18,13 +18,14 @@ measure how well the two views retrieve each other.
   z = joint(params, text, cf)          # [N, out_dim], unit rows
 """
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rallrec_jax import progress as progress_lib
+from rallrec_jax.train import loop
 
 LOG_EVERY = 10  # epochs between log lines (every epoch is in the returned history)
 
@@ -86,8 +87,7 @@ def top1(zt, zc):
 
 
 def train(text, cf, train_items, heldout_items, *, hidden=256, out_dim=64, temperature=0.15,
-          lr=1e-3, weight_decay=1e-4, batch_size=256, epochs=100, seed=0, log=print,
-          progress=True):
+          lr=1e-3, weight_decay=1e-4, batch_size=256, epochs=100, seed=0, progress=True):
   """Fit the two projections on the train items; returns (params, history).
 
   `text` [N, dt] and `cf` [N, dc] hold one row per item; `train_items` and `heldout_items`
@@ -104,24 +104,31 @@ def train(text, cf, train_items, heldout_items, *, hidden=256, out_dim=64, tempe
   opt_state = _optimizer(lr, weight_decay).init(weights)
   hyper = {"temperature": temperature, "lr": lr, "weight_decay": weight_decay}
   batch_size = min(batch_size, len(train_items))
-  order_rng = np.random.default_rng(seed)
-  history = []
-  bar = progress_lib.bar(range(1, epochs + 1), unit="epoch", disable=not progress)
-  for epoch in bar:
-    losses = []
-    for rows in _batches(order_rng.permutation(train_items), batch_size):
-      weights, opt_state, value = _step(weights, opt_state, norm,
-                                        {"text": text[rows], "cf": cf[rows]}, **hyper)
-      losses.append(value)
-    zt, zc = _project_jit({**weights, "norm": norm}, text[heldout_items], cf[heldout_items])
-    record = {"epoch": epoch, "loss": float(np.mean(jax.device_get(losses))),
-              "heldout_top1": top1(zt, zc)}
-    history.append(record)
-    bar.set_postfix(loss=f"{record['loss']:.4f}", top1=f"{record['heldout_top1']:.3f}")
-    if epoch % LOG_EVERY == 0 or epoch == epochs:
-      log(f"align epoch {epoch}: loss {record['loss']:.4f} "
-          f"heldout_top1 {record['heldout_top1']:.3f}")
-  return {**weights, "norm": norm}, history
+  per_epoch = len(train_items) // batch_size * batch_size
+
+  def step(state, batch):
+    weights, opt_state, value = _step(state["weights"], state["opt"], norm, batch, **hyper)
+    return {"weights": weights, "opt": opt_state}, {"loss": value}
+
+  def epochs_from(position):
+    order_rng = np.random.default_rng(seed)
+    for epoch in itertools.count():
+      order = order_rng.permutation(train_items)
+      if epoch >= position // per_epoch:
+        yield ({"text": text[rows], "cf": cf[rows]} for rows in _batches(order, batch_size))
+
+  def evaluate(state):
+    zt, zc = _project_jit({**state["weights"], "norm": norm}, text[heldout_items],
+                          cf[heldout_items])
+    return {"heldout_top1": top1(zt, zc)}
+
+  opts = loop.Options(steps=epochs, metric="heldout_top1", log_every=LOG_EVERY,
+                      progress=progress, desc="align", unit="epoch")
+  result = loop.fit(lambda: {"weights": weights, "opt": opt_state}, step, epochs_from, opts,
+                    evaluate=evaluate)
+  history = [{"epoch": r["step"], "loss": r["loss"], "heldout_top1": r["eval"]["heldout_top1"]}
+             for r in result.history]
+  return {**result.state["weights"], "norm": norm}, history
 
 
 def _init_mlp(rng, in_dim, hidden, out_dim):

@@ -31,8 +31,7 @@ def align(cfg, workdir):
   params, history = contrastive.train(
       text, cf, np.sort(items[n_held:]), np.sort(items[:n_held]), hidden=a.hidden,
       out_dim=a.dim, temperature=a.temperature, lr=a.lr, weight_decay=a.weight_decay,
-      batch_size=min(a.batch_size, len(items) - n_held), epochs=a.epochs, seed=a.seed,
-      log=log.info)
+      batch_size=min(a.batch_size, len(items) - n_held), epochs=a.epochs, seed=a.seed)
   stage.save_array(workdir / "embeddings" / "joint.npy", contrastive.joint(params, text, cf))
   stage.save_json(workdir / "align" / "metrics.json", history)
   log.info("align: held-out cross-view top-1 %.3f", history[-1]["heldout_top1"])

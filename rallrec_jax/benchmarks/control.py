@@ -3,8 +3,8 @@
 Both sides start from the same model and, for LoRA, the same adapters (ours, copied into PEFT's
 lora_A and lora_B; full fine-tuning trains every weight of both models), train on the same
 batches in the same order with AdamW (the same betas, eps and weight decay) under the same
-schedule (`loop.schedule`: linear warmup, then linear decay), with the same optional clipping
-of the gradient's global norm (`optax.clip_by_global_norm` in `loop.make_optimizer` against
+schedule (`finetune.schedule`: linear warmup, then linear decay), with the same optional clipping
+of the gradient's global norm (`optax.clip_by_global_norm` in `finetune.make_optimizer` against
 `torch.nn.utils.clip_grad_norm_`), on the same loss: the two-way cross-entropy of the (yes, no)
 logits at the last position of left-padded prompts, label 1 = yes. Positions are
 cumsum(mask) - 1 on both sides. In float32 the per-step losses agree to rounding, so a
@@ -32,7 +32,7 @@ from rallrec_jax.llm import api, lora, score, tokenizer as tokenizer_lib
 from rallrec_jax.llm.model import unstack_layers
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import history
-from rallrec_jax.train import batches as batches_lib, loop, sets, step as step_lib
+from rallrec_jax.train import batches as batches_lib, finetune, sets, step as step_lib
 
 @dataclasses.dataclass(frozen=True)
 class Optim:
@@ -47,11 +47,11 @@ class Optim:
   clip_norm: float = 0.0
 
   def schedule(self):
-    return loop.schedule(self.lr, self.steps, self.warmup)
+    return finetune.schedule(self.lr, self.steps, self.warmup)
 
   def optax(self):
-    """Our side's optimizer, built as the fine-tune builds it (`loop.make_optimizer`)."""
-    return loop.make_optimizer(self.lr, self.steps, weight_decay=self.weight_decay,
+    """Our side's optimizer, built as the fine-tune builds it (`finetune.make_optimizer`)."""
+    return finetune.make_optimizer(self.lr, self.steps, weight_decay=self.weight_decay,
                                warmup=self.warmup, clip_norm=self.clip_norm, b1=self.b1,
                                b2=self.b2, eps=self.eps)
 

@@ -19,18 +19,16 @@ gathers and scatters.
 """
 import dataclasses
 import functools
-import time
-from pathlib import Path
+import itertools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
-from rallrec_jax import progress, stage
 from rallrec_jax.eval import metrics
+from rallrec_jax.train import loop
 
 EDGE_CHUNK = 16384   # edges per scatter-add; keeps the [chunk, dim] temporary in cache
 INIT_STD = 0.1
@@ -197,15 +195,20 @@ def epoch_batches(rng, positives, num_items, batch_size):
   Pairs of users who rated every item are left out: with no negative they carry no BPR signal
   (they still shape the graph).
   """
-  user, item = positives.pairs()
-  trainable = np.diff(positives.offsets)[user] < num_items
-  user, item = user[trainable], item[trainable]
+  user, item = _trainable_pairs(positives, num_items)
   order = rng.permutation(len(user))
   user, item = user[order], item[order]
   neg = sample_negatives(rng, user, num_items, positives)
   for lo in range(0, len(user), batch_size):
     yield {"user": user[lo:lo + batch_size], "pos": item[lo:lo + batch_size],
            "neg": neg[lo:lo + batch_size]}
+
+
+def _trainable_pairs(positives, num_items):
+  """(user, item) of the positives of users with at least one negative to sample."""
+  user, item = positives.pairs()
+  trainable = np.diff(positives.offsets)[user] < num_items
+  return user[trainable], item[trainable]
 
 
 def make_train_step(optimizer, num_layers, l2):
@@ -281,78 +284,47 @@ def _held_out(train_pos, eval_pairs, num_users, num_items):
   return positives_from_pairs(user[~seen], item[~seen], num_users, num_items)
 
 
-def _checkpoints(checkpoint_dir):
-  options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(Path(checkpoint_dir).absolute(), options=options,
-                               item_names=("state", "history"))
-
-
-def _restore(manager, state):
-  """(state, history, epoch) of the latest checkpoint."""
-  epoch = manager.latest_step()
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  got = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                       history=ocp.args.JsonRestore()))
-  return got.state, list(got.history), epoch
-
-
-def _save(manager, epoch, state, history):
-  # orbax finishes a save in threads of its own, which an exit midway would cut off.
-  with stage.sigterm_deferred():
-    manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                history=ocp.args.JsonSave(history)))
-
-
-def _run_epoch(step, state, graph, positives, batch_size, rng, bar):
-  """(state, mean batch loss) after one pass over the shuffled positives."""
-  losses = []
-  for batch in epoch_batches(rng, positives, graph.num_items, batch_size):
-    state, loss = step(state, graph, batch)
-    losses.append(loss)
-    bar.update()
-  return state, float(np.mean(jax.device_get(losses)))
-
-
 def train(user, item, num_users, num_items, *, dim=128, num_layers=3, lr=1e-3, l2=1e-4,
           batch_size=2048, epochs=20, seed=0, eval_pairs=None, k=20, eval_every=1,
-          checkpoint_dir=None, log=print):
+          checkpoint_dir=None, metrics_path=None, progress=True):
   """Train LightGCN on the interactions; returns (params, history).
 
   `history` has one dict per epoch: epoch, loss (mean over batches), seconds (of training,
   evaluation excluded) and, on epochs that evaluate (every `eval_every`-th and the last),
-  recall@k and ndcg@k on `eval_pairs` (user, item arrays). With `checkpoint_dir`, the state
-  and history are saved after each epoch and a later call resumes from there. Each epoch
-  draws its shuffle and negatives from (seed, epoch), so a resumed run equals an
-  uninterrupted one.
+  recall@k and ndcg@k on `eval_pairs` (user, item arrays). With `checkpoint_dir`, the state is
+  saved after each epoch and a later call resumes from there, its history read back from
+  `metrics_path` (one record per epoch). Each epoch draws its shuffle and negatives from
+  (seed, epoch), so a resumed run equals an uninterrupted one.
   """
   positives = positives_from_pairs(user, item, num_users, num_items)
   graph = build_graph(*positives.pairs(), num_users, num_items)
   optimizer = optax.adam(lr)
-  params = init(jax.random.key(seed), num_users, num_items, dim)
-  state = {"params": params, "opt": optimizer.init(params)}
-  history, start = [], 0
-  manager = _checkpoints(checkpoint_dir) if checkpoint_dir else None
-  if manager and manager.latest_step() is not None:
-    state, history, start = _restore(manager, state)
-    log(f"lightgcn: resumed from {checkpoint_dir} at epoch {start}")
   step = make_train_step(optimizer, num_layers, l2)
-  steps = -(-len(positives.item) // batch_size)
-  bar = progress.bar(total=epochs * steps, initial=min(start, epochs) * steps, unit="batch",
-                     desc="lightgcn", disable=None)
-  for epoch in range(start + 1, epochs + 1):
-    began = time.perf_counter()
-    state, loss = _run_epoch(step, state, graph, positives, batch_size,
-                             np.random.default_rng([seed, epoch]), bar)
-    row = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - began}
-    if eval_pairs is not None and (epoch % eval_every == 0 or epoch == epochs):
-      users, items = _propagate(state["params"], graph, num_layers)
-      row[f"recall@{k}"], row[f"ndcg@{k}"] = recall_ndcg(users, items, positives, eval_pairs, k)
-    history.append(row)
-    bar.set_postfix({key: round(v, 4) for key, v in row.items() if key != "epoch"})
-    log("lightgcn: " + " ".join(f"{key}={v:.4g}" for key, v in row.items()))
-    if manager:
-      _save(manager, epoch, state, history)
-  bar.close()
-  if manager:
-    manager.close()
-  return state["params"], history
+  per_epoch = max(len(_trainable_pairs(positives, num_items)[0]), 1)
+
+  def fresh():
+    params = init(jax.random.key(seed), num_users, num_items, dim)
+    return {"params": params, "opt": optimizer.init(params)}
+
+  def update(state, batch):
+    state, loss = step(state, graph, batch)
+    return state, {"loss": loss}
+
+  def epochs_from(position):
+    for epoch in itertools.count(position // per_epoch + 1):
+      yield epoch_batches(np.random.default_rng([seed, epoch]), positives, num_items, batch_size)
+
+  def evaluate(state):
+    users, items = _propagate(state["params"], graph, num_layers)
+    return dict(zip((f"recall@{k}", f"ndcg@{k}"),
+                    recall_ndcg(users, items, positives, eval_pairs, k)))
+
+  opts = loop.Options(steps=epochs, checkpoint_dir=checkpoint_dir, max_to_keep=1,
+                      eval_every=eval_every, metric=f"recall@{k}", metrics_path=metrics_path,
+                      log_every=1, progress=progress, desc="lightgcn", unit="epoch")
+  result = loop.fit(fresh, update, epochs_from, opts,
+                    evaluate=None if eval_pairs is None else evaluate,
+                    record=lambda step, batches, seconds: {"seconds": seconds})
+  history = [{"epoch": r["step"], "loss": r["loss"], "seconds": r["seconds"], **r.get("eval", {})}
+             for r in result.history]
+  return result.state["params"], history

@@ -1,15 +1,11 @@
 """The `cf` stage: LightGCN item vectors from the interactions before the validation period."""
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 from rallrec_jax import data, stage
 from rallrec_jax.cf import lightgcn
 from rallrec_jax.stage import Stage
-
-log = logging.getLogger("rallrec_jax")
-
 
 def cf(cfg, workdir):
   """embeddings/cf.npy: LightGCN item vectors trained on train-period interactions only."""
@@ -18,13 +14,14 @@ def cf(cfg, workdir):
   user, item = dataset.train_interactions()
   held = dataset.splits["valid"] if len(dataset.splits["valid"]) else dataset.splits["test"]
   c = cfg.cf
-  checkpoints = workdir / "cf" / "checkpoints"
+  checkpoints, records = workdir / "cf" / "checkpoints", workdir / "cf" / "metrics.jsonl"
   key = hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True).encode()).hexdigest()
-  stage.resumable([checkpoints], workdir / "cf" / ".key", key + stage.data_key(workdir))
+  stage.resumable([checkpoints, records], workdir / "cf" / ".key", key + stage.data_key(workdir))
   params, history = lightgcn.train(
       user, item, dataset.num_users, dataset.num_items, dim=c.dim, num_layers=c.layers, lr=c.lr,
       l2=c.l2, batch_size=c.batch_size, epochs=c.epochs, seed=c.seed,
-      eval_pairs=(held.user, held.target), k=c.k, checkpoint_dir=checkpoints, log=log.info)
+      eval_pairs=(held.user, held.target), k=c.k, checkpoint_dir=checkpoints,
+      metrics_path=records)
   positives = lightgcn.positives_from_pairs(user, item, dataset.num_users, dataset.num_items)
   graph = lightgcn.build_graph(*positives.pairs(), dataset.num_users, dataset.num_items)
   stage.save_array(workdir / "embeddings" / "cf.npy",
@@ -37,4 +34,5 @@ CF = Stage(
     help="LightGCN (BPR) on the interactions before the validation period, resumable: writes "
          "embeddings/cf.npy, cf/metrics.json (validation recall/NDCG)",
     run=cf, config_keys=("cf",), deps=("prepare",),
-    outputs=("embeddings/cf.npy", "cf/metrics.json"), resumes=("cf/checkpoints",))
+    outputs=("embeddings/cf.npy", "cf/metrics.json"),
+    resumes=("cf/checkpoints", "cf/metrics.jsonl"))

@@ -6,7 +6,7 @@ import jax
 
 from rallrec_jax.eval import results as results_lib
 from rallrec_jax.llm import lora
-from rallrec_jax.train import loop
+from rallrec_jax.train import finetune
 
 
 def lora_config(cfg):
@@ -34,10 +34,10 @@ def restore_checkpoint(cfg, workdir, lm, choice):
   lora_cfg = lora_config(cfg)
   steps = results_lib.mean_steps(choice)
   if steps is not None:
-    weights = loop.restore_mean_weights(lm, lora_cfg, workdir / "checkpoints", steps)
+    weights = finetune.restore_mean_weights(lm, lora_cfg, workdir / "checkpoints", steps)
     return scoring_weights(lm, lora_cfg, weights), steps[-1]
   keyword = choice in ("best", "latest") or choice.isdigit()
   folder = workdir / "checkpoints" if keyword else Path(choice)
   which = int(choice) if choice.isdigit() else ("latest" if choice == "latest" else "best")
-  weights, step = loop.restore_weights(lm, lora_cfg, folder, which)
+  weights, step = finetune.restore_weights(lm, lora_cfg, folder, which)
   return scoring_weights(lm, lora_cfg, weights), step

@@ -164,6 +164,13 @@ def init(rng, cfg, lora_cfg, mesh=None, rules=parallel.DEFAULT_RULES):
   return jax.jit(build, out_shardings=out_shardings)(rng)
 
 
+def abstract(cfg, lora_cfg, mesh=None, rules=parallel.DEFAULT_RULES):
+  """Shapes, dtypes and shardings of the adapters `init` creates, none of them allocated."""
+  shapes = jax.eval_shape(lambda: init(jax.random.PRNGKey(0), cfg, lora_cfg, mesh, rules))
+  return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      shapes, shardings(cfg, lora_cfg, mesh or _single_device_mesh(), rules))
+
+
 def _delta(x, pair, lora_cfg, rng):
   """scale * dropout(x) @ A @ B, contracting x's trailing input axes with A's."""
   if rng is not None and lora_cfg.dropout > 0:

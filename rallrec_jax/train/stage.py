@@ -18,7 +18,7 @@ from rallrec_jax.eval.weights import lora_config, restore_checkpoint, scoring_we
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import history
 from rallrec_jax.stage import Stage
-from rallrec_jax.train import batches, export, loop, sets, unrated
+from rallrec_jax.train import batches, export, finetune as finetune_lib, sets, unrated
 
 log = logging.getLogger("rallrec_jax")
 
@@ -121,18 +121,14 @@ def finetune(cfg, workdir):
     for _, rows in batches.epochs(examples, f.batch_size, f.seed, start=position):
       yield batches.pad_batch(examples, rows, pad)
 
-  summary = loop.fit(lm, lora_cfg, train_batches, steps=updates_per_epoch * f.epochs, lr=f.lr,
-                     weight_decay=f.weight_decay, grad_accum=f.grad_accum, warmup=f.warmup,
-                     clip_norm=f.clip_norm, loss=f.loss, answer_ids=(yes, no),
-                     checkpoint_dir=workdir / "checkpoints",
-                     save_every=f.eval_every or updates_per_epoch,
-                     eval_fn=eval_fn, eval_every=f.eval_every or updates_per_epoch,
-                     patience=f.patience, seed=f.seed, progress=primary,
-                     metrics_path=workdir / "metrics.jsonl" if primary else None)
+  summary = finetune_lib.fit(
+      lm, lora_cfg, train_batches, steps=updates_per_epoch * f.epochs, lr=f.lr,
+      weight_decay=f.weight_decay, grad_accum=f.grad_accum, warmup=f.warmup,
+      clip_norm=f.clip_norm, loss=f.loss, answer_ids=(yes, no),
+      checkpoint_dir=workdir / "checkpoints", save_every=f.eval_every or updates_per_epoch,
+      eval_fn=eval_fn, eval_every=f.eval_every or updates_per_epoch, patience=f.patience,
+      seed=f.seed, progress=primary, metrics_path=workdir / "metrics.jsonl" if primary else None)
   summary = {k: v for k, v in summary.items() if k != "weights"}
-  if summary["status"] == "preempted":
-    raise stage.Preempted(f"stopped by SIGTERM at step {summary['step']}, checkpoint saved in "
-                          f"{workdir / 'checkpoints'}; rerun the same command to resume")
   if primary:
     stage.save_json(workdir / "finetune.json", {**summary, "examples": len(examples["label"]),
                                                 "updates_per_epoch": updates_per_epoch})
