@@ -249,10 +249,13 @@ def test_control_prompts_are_worded_like_the_fine_tune(run):
       assert "of its earlier raters" in tokenizer.decode(ids[mask > 0])
 
 
+@pytest.mark.slow
 def test_export_of_a_lora_fine_tune_loads_in_peft_and_transformers(run, tmp_path):
   """`--stages export` after a LoRA fine-tune: PEFT on the tiny base model with export/adapters
   and transformers on export/merged give the logits of our decoder with the best checkpoint's
-  adapters; a rerun skips it, another export.checkpoint reruns it."""
+  adapters; a rerun skips it, another export.checkpoint reruns it. Slow (26 s): the default
+  suite checks the stage (test_export.test_the_export_stage_ships_the_chosen_checkpoint) and
+  PEFT and transformers loading its folders (test_export) separately."""
   import torch  # pylint: disable=import-outside-toplevel
   from peft import PeftModel  # pylint: disable=import-outside-toplevel
   from transformers import AutoModelForCausalLM  # pylint: disable=import-outside-toplevel
