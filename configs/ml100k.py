@@ -12,8 +12,10 @@ prompts that state the item's and the user's rating statistics, lr 5e-5 with 16 
 gradients clipped to norm 1, the best of 8 checkpoints on 200 spread validation rows (stopping
 after 2 without improvement), 2,000 spread test rows scored; text vectors of the plain template
 (descriptions take 83 minutes here); the `recommend` stage reranks 50 candidates for 40 users
-spread over those with a liked test item (2,000 prompts, as many as the test rows). About an
-hour of fine-tuning and 15 minutes of scoring, plus about as much for `recommend`:
+spread over those with a liked test item (2,000 prompts, as many as the test rows) and as many
+validation users for its blend, each user's shared prompt prefix run once (`simple` prompts
+share the whole history). About an hour of fine-tuning and 15 minutes of scoring, plus about 5
+for `recommend`:
 
   python -m rallrec_jax.main --config configs/ml100k.py:path=../shared/data/ml-100k,recipe=cpu \
       --config.model.path=$RALLREC_SMOLLM2 --workdir workdirs/ml100k_cpu
