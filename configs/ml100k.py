@@ -13,9 +13,10 @@ gradients clipped to norm 1, the best of 8 checkpoints on 200 spread validation 
 after 2 without improvement), 2,000 spread test rows scored; text vectors of the plain template
 (descriptions take 83 minutes here); the `recommend` stage reranks 50 candidates for 40 users
 spread over those with a liked test item (2,000 prompts, as many as the test rows) and as many
-validation users for its blend, each user's shared prompt prefix run once (`simple` prompts
-share the whole history). About an hour of fine-tuning and 15 minutes of scoring, plus about 5
-for `recommend`:
+validation users for its blend. About an hour of fine-tuning and 15 minutes of scoring, plus
+about as much for each period of `recommend` (its rerank prompts retrieve a history per
+candidate, so they share little of a prefix; `cpu_lifetime4k`'s `simple` prompts share the
+whole history and its `recommend` takes under 5 minutes):
 
   python -m rallrec_jax.main --config configs/ml100k.py:path=../shared/data/ml-100k,recipe=cpu \
       --config.model.path=$RALLREC_SMOLLM2 --workdir workdirs/ml100k_cpu
