@@ -168,6 +168,8 @@ class Recommender:
 
   def at(self, until):
     """The same recommender (model, weights, index) with the known history cut at `until`."""
+    if until == self.until:
+      return self
     return Recommender(self.cfg, self.dataset, self.lm, self.vectors, self.index, self.trained,
                        self.step, until)
 
@@ -196,9 +198,7 @@ class Recommender:
     dataset = dataclasses.replace(self.dataset, splits={**self.dataset.splits, SPLIT: pairs})
     cfg = self.cfg
     r = cfg.retrieval
-    result = history.retrieve(dataset, SPLIT, self.vectors, k=r.k, order=r.order,
-                              max_history=cfg.data.max_history, half_life=r.half_life,
-                              rerank_short=r.rerank_short, batch_size=r.batch_size)
+    result = history.retrieve_configured(dataset, SPLIT, self.vectors, r, cfg.data.max_history)
     return render.build_examples(dataset, result, self.lm.tokenizer, split=SPLIT, labels=False,
                                  max_length=cfg.finetune.max_length, order=r.order,
                                  **render.wording(cfg.finetune))
@@ -294,11 +294,11 @@ def _ranked_period(rec, split, max_users, m):
   return users, relevant, found, rec.candidate_scores(users, found)
 
 
-def _blend_weights(rec, max_users, m, n):
+def _blend_weights(rec, likes, max_users, m, n):
   """(weights, summary) of the blend (`recommend.blend`) chosen on the users with a liked
-  validation sample, their history cut before validation."""
+  validation sample, their history cut before validation; `likes`: `train_likes`."""
   users, relevant, found, scores = _ranked_period(rec.at("valid"), "valid", max_users, m)
-  found_features = blend.features(found, scores, train_likes(rec.dataset))
+  found_features = blend.features(found, scores, likes)
   weights, table = blend.choose(found, found_features, relevant.offsets, relevant.items, n)
   return weights, {"weights": dict(zip(blend.FEATURES, weights)), "chosen_on": "valid",
                    "valid_users": int(len(users)), f"valid_ndcg@{n}": table}
@@ -308,14 +308,15 @@ def evaluate_recommendations(rec, max_users, m, n, resamples=1000, seed=0, blend
   """(lists, metrics) of the `recommend` stage: each evaluated user's reranked candidates with
   their P(yes), and the rows' ranking metrics at n (`ranking_rows`), with `blended` the blend
   of weights chosen on validation users (`blend`), reported with the metrics."""
-  chosen = _blend_weights(rec, max_users, m, n) if blended else None
+  likes = train_likes(rec.dataset)
+  chosen = _blend_weights(rec, likes, max_users, m, n) if blended else None
   rec = rec.at("test")
   users, relevant, found, scores = _ranked_period(rec, "test", max_users, m)
   reranked, sorted_scores = by_score(found, scores)
   rows = {"most_popular": most_popular(rec.dataset, rec.seen, users, n),
           "index": found[:, :n], "llm_rerank": reranked[:, :n]}
   if chosen:
-    found_features = blend.features(found, scores, train_likes(rec.dataset))
+    found_features = blend.features(found, scores, likes)
     rows["blend"] = blend.rank(found, found_features, chosen[0])[:, :n]
   rows["oracle"] = oracle(found, relevant.offsets, relevant.items, n)
   table = ranking_rows(rows, relevant.offsets, relevant.items, resamples, seed)

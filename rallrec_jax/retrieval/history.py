@@ -394,6 +394,14 @@ def retrieve(dataset, split, embeddings, *, k=30, order="rerank", max_history=0,
           "history": history}
 
 
+def retrieve_configured(dataset, split, embeddings, retrieval, max_history, order=None):
+  """`retrieve` with the parameters of a config's `retrieval` section (`k`, `order` unless
+  `order` is given, `half_life`, `rerank_short`, `batch_size`) and data.max_history."""
+  return retrieve(dataset, split, embeddings, k=retrieval.k, order=order or retrieval.order,
+                  max_history=max_history, half_life=retrieval.half_life,
+                  rerank_short=retrieval.rerank_short, batch_size=retrieval.batch_size)
+
+
 def save(result, path):
   """Write a `retrieve` result to `path` (.npz) through a temporary file, then rename."""
   with atomic.open_file(path) as f:

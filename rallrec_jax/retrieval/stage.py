@@ -61,9 +61,7 @@ def retrieve(cfg, workdir):
   r = cfg.retrieval
   with atomic.directory(workdir / "retrieval") as tmp:
     for split in dataset.splits:
-      result = history.retrieve(dataset, split, vectors, k=r.k, order=r.order,
-                                max_history=cfg.data.max_history, half_life=r.half_life,
-                                rerank_short=r.rerank_short, batch_size=r.batch_size)
+      result = history.retrieve_configured(dataset, split, vectors, r, cfg.data.max_history)
       history.save(result, tmp / f"{split}.npz")
       filled = float((result["history"] >= 0).sum(1).mean()) if len(result["sample"]) else 0.0
       log.info("retrieve: %s: %d samples, %.1f of %d history items on average (%s)", split,

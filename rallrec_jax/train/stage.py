@@ -45,15 +45,14 @@ def with_unrated(cfg, dataset, tokenizer, vectors, pairs, examples):
   """`examples` followed by finetune.unrated x len(pairs) unrated negatives (`unrated`): copies
   of the first pairs' samples about an item the user never rated, each with its own retrieved
   history of the same order, answered "No"."""
-  f, r = cfg.finetune, cfg.retrieval
+  f = cfg.finetune
   copied = pairs[:int(round(f.unrated * len(pairs)))]
   if not copied:
     return examples
   negatives = unrated.samples(dataset, [s for _, s in copied], vectors, seed=f.seed)
   dataset = dataclasses.replace(dataset, splits={**dataset.splits, unrated.SPLIT: negatives})
-  results = {order: history.retrieve(dataset, unrated.SPLIT, vectors, k=r.k, order=order,
-                                     max_history=cfg.data.max_history, half_life=r.half_life,
-                                     rerank_short=r.rerank_short, batch_size=r.batch_size)
+  results = {order: history.retrieve_configured(dataset, unrated.SPLIT, vectors, cfg.retrieval,
+                                                cfg.data.max_history, order)
              for order in {o for o, _ in copied}}
   extra = build_examples(dataset, tokenizer, unrated.SPLIT, results,
                          [(o, row) for row, (o, _) in enumerate(copied)],
@@ -93,9 +92,8 @@ def finetune(cfg, workdir):
   vectors = np.load(workdir / "embeddings" / "mixed.npy")
   orders = sets.orders(f.variant, cfg.retrieval.order)
   r = cfg.retrieval
-  results = {order: history.retrieve(dataset, "train", vectors, k=r.k, order=order,
-                                     max_history=cfg.data.max_history, half_life=r.half_life,
-                                     rerank_short=r.rerank_short, batch_size=r.batch_size)
+  results = {order: history.retrieve_configured(dataset, "train", vectors, r,
+                                                cfg.data.max_history, order)
              for order in orders}
   pool = sets.pool(len(dataset.splits["train"]), f.pool_size, f.seed)
   pairs = sets.training_set(f.variant, pool, results, order=r.order, mixed_size=f.mixed_size)
