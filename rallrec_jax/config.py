@@ -123,6 +123,9 @@ def base_config():
   # list with the user's like count and mean rating over it (rallrec_jax/prompts/templates.py).
   # `user_lifetime_stats`: and with the user's like-rate and mean rating over every earlier
   # rating (rallrec_jax/prompts/user_lifetime.py). `genres`: name every item with its genres.
+  # `item_popularity`: name the target with how often it was watched ("more watched than 60% of
+  # movies": the decile of its number of earlier raters, prompts/item_stats.py); with
+  # `unrated` negatives it is what lets P(yes) rank recommendation candidates.
   # `unrated`: add this many unrated negatives per training prompt (an item the user never
   # rated, answered "No"; rallrec_jax/train/unrated.py), so that P(yes) can rank candidates.
   c.finetune = ml_collections.ConfigDict(dict(
@@ -130,6 +133,7 @@ def base_config():
       batch_size=8, grad_accum=32, lr=5e-4, weight_decay=0.0, warmup=0, clip_norm=0.0,
       epochs=20, eval_every=0, eval_samples=1000, eval_rows="first", patience=5, seed=42, method="lora", loss="answer",
       item_stats=False, user_stats=False, user_lifetime_stats=False, genres=False,
+      item_popularity=False,
       lora=ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.05,
                                           targets=("q_proj", "v_proj"), layers=0))))
   # Rows scored when a split is capped (finetune.eval_rows for model selection, eval.rows for

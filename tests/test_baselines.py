@@ -250,3 +250,21 @@ def test_genre_baseline_reads_the_shown_items_sharing_a_genre_with_the_target(da
   np.testing.assert_allclose(got["logistic_regression_all"],
                              fitted.extra_model.predict_proba(z)[:, 1], rtol=1e-12)
   assert fitted.extra_model[0].n_features_in_ == 6
+
+
+def test_popularity_baseline_reads_the_level_the_prompt_states(dataset):
+  train_result = random_retrieval(dataset, "train", seed=0)
+  fitted = baselines.fit(dataset, train_result, fit_samples=FIT, seed=3,
+                         extra=("item_popularity",))
+  result = random_retrieval(dataset, "test", seed=1)
+  samples = np.arange(len(result["sample"]))
+  got = baselines.scores(fitted, dataset, "test", result, samples)
+  assert sorted(got) == sorted(baselines.names(("item_popularity",)))
+  assert "logistic_regression_all" in got
+  train = dataset.splits["train"]
+  count = np.bincount(train.target, minlength=dataset.num_items)
+  edges = np.quantile(count[count > 0], np.arange(1, 10) / 10)
+  target = dataset.splits["test"].target[result["sample"]]
+  expected = [sum(count[t] >= e for e in edges) for t in target]
+  np.testing.assert_array_equal(got["item_popularity_level"], expected)
+  assert fitted.extra_model[0].n_features_in_ == 4

@@ -29,6 +29,15 @@ def _dataset(seed=0, num_items=7):
                         splits=splits)
 
 
+def _tokenizer(tmp_path, ds):
+  """A word-level tokenizer that knows every word the item-stats prompts of `ds` can write."""
+  folder = tmp_path / "tok"
+  tiny.word_tokenizer(folder, tiny.vocabulary(
+      [" ".join(it["title"] for it in ds.items), item_stats.vocabulary_text(),
+       render.render_prompt(ds.users[0], [], "Item0", "ml1m")]))
+  return tok_lib.load(folder)
+
+
 def test_train_rates_count_only_earlier_train_samples():
   ds = _dataset()
   train = ds.splits["train"]
@@ -58,11 +67,7 @@ def test_test_rates_equal_the_item_like_rate_baseline():
 
 def test_prompt_names_the_target_with_its_rate(tmp_path):
   ds = _dataset()
-  folder = tmp_path / "tok"
-  tiny.word_tokenizer(folder, tiny.vocabulary(
-      [" ".join(it["title"] for it in ds.items), item_stats.vocabulary_text(),
-       render.render_prompt(ds.users[0], [], "Item0", "ml1m")]))
-  tok = tok_lib.load(folder)
+  tok = _tokenizer(tmp_path, ds)
   result = {"sample": np.array([3, 4]), "user": np.array([0, 0], np.int32),
             "target": ds.splits["test"].target[[3, 4]],
             "history": np.zeros((2, 1), np.int32)}
@@ -96,3 +101,62 @@ def test_unrated_rates_count_the_train_samples_before_their_timestamp():
             / (earlier.sum() + item_stats.PRIOR))
     assert got[i] == pytest.approx(want, abs=1e-12), i
   assert len(np.unique(got)) > 5
+
+
+def _loop_levels(ds, split, samples):
+  """Popularity levels recomputed by scanning: the target's number of train samples its prompt
+  may count, against the deciles of the items' final train counts."""
+  train = ds.splits["train"]
+  n = len(train.target)
+  final = np.array([np.sum(train.target == i) for i in range(len(ds.items))])
+  edges = np.quantile(final[final > 0], np.arange(1, 10) / 10)
+  out = []
+  for i in samples:
+    target = ds.splits[split].target[i]
+    if split == "train":
+      earlier = [j for j in range(n) if (train.timestamp[j], j) < (train.timestamp[i], i)]
+    elif split == item_stats.UNRATED:
+      earlier = [j for j in range(n) if train.timestamp[j] < ds.splits[split].timestamp[i]]
+    else:
+      earlier = list(range(n))
+    out.append(sum(sum(train.target[j] == target for j in earlier) >= e for e in edges))
+  return np.array(out)
+
+
+@pytest.mark.parametrize("split", ["train", "test", item_stats.UNRATED])
+def test_popularity_levels_match_a_scan_of_the_earlier_train_samples(split):
+  ds = _dataset(seed=5, num_items=9)
+  # A skewed catalogue, so that the levels spread.
+  rng = np.random.default_rng(6)
+  train = ds.splits["train"]
+  train.target[:] = np.minimum(rng.geometric(0.25, len(train.target)) - 1, 8)
+  ds.splits[item_stats.UNRATED] = _samples(rng, 40, 9, 0)
+  samples = np.arange(len(ds.splits[split].target))
+  got = item_stats.popularity_levels(ds, split, samples)
+  np.testing.assert_array_equal(got, _loop_levels(ds, split, samples))
+  assert len(np.unique(got)) >= 3
+
+
+def test_phrase_names_the_popularity_level():
+  assert item_stats.phrase(0.6449, 6) == (
+      "liked by 64% of its earlier raters, more watched than 60% of movies")
+  assert item_stats.phrase(None, 0) == "more watched than 0% of movies"
+  assert item_stats.phrase(0.5) == "liked by 50% of its earlier raters"
+
+
+@pytest.mark.parametrize("item_stats_on", [True, False])
+def test_prompt_names_the_target_with_its_popularity(tmp_path, item_stats_on):
+  ds = _dataset()
+  tok = _tokenizer(tmp_path, ds)
+  rows = np.arange(12)
+  result = {"sample": rows, "user": np.zeros(12, np.int32),
+            "target": ds.splits["test"].target[rows], "history": np.zeros((12, 1), np.int32)}
+  out = render.build_examples(ds, result, tok, split="test", labels=False,
+                              item_stats=item_stats_on, item_popularity=True)
+  rates = item_stats.target_rates(ds, "test", rows)
+  levels = _loop_levels(ds, "test", rows)
+  for row, rate, level, target in zip(out["input_ids"], rates, levels, result["target"]):
+    title = f"Item{target} ({item_stats.phrase(rate if item_stats_on else None, level)})"
+    text = render.render_prompt(ds.users[0], [("Item0", 4.0)], title, "ml1m")
+    np.testing.assert_array_equal(row, render.encode(tok, text)["input_ids"])
+    assert tok.unk_token_id not in row.tolist()

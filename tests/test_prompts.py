@@ -288,7 +288,8 @@ def test_genres_name_every_item_with_its_genres(tiny_tok):
   assert render.titled({"title": "Heat (1995)", "genres": ["Action"]}) == "Heat (1995)"
   assert render.titled({"title": "Heat (1995)", "genres": []}, genres=True) == "Heat (1995)"
   assert render.wording({"genres": True}) == {"item_stats": False, "user_stats": False,
-                                              "user_lifetime_stats": False, "genres": True}
+                                              "user_lifetime_stats": False, "genres": True,
+                                              "item_popularity": False}
   ds = _dataset()
   for i, item in enumerate(ds.items):
     item["genres"] = [f"G{i % 2}"]

@@ -17,6 +17,8 @@ A run whose prompts state more (`EXTRA`) is compared with baselines that read it
   user_lifetime_mean_rating  rating before the sample, and their mean rating
   user_genre_mean_rating     (`finetune.genres`) the mean rating of the shown items that share a
                              genre with the target; the global train mean rating when none do
+  item_popularity_level      (`finetune.item_popularity`) the target's popularity level (0-9) as
+                             the prompt states it
   logistic_regression_all    the regression on the three features and all of these
 
 The history features count every retrieved item, including any a prompt dropped to fit
@@ -48,12 +50,13 @@ TITLES = {"item_like_rate": "item like-rate", "user_like_rate": "user like-rate"
           "user_lifetime_like_rate": "user like-rate (all earlier ratings)",
           "user_lifetime_mean_rating": "user mean rating (all earlier ratings)",
           "user_genre_mean_rating": "user mean rating (shown items of the target's genres)",
+          "item_popularity_level": "item popularity level",
           "logistic_regression_all": "logistic regression on every feature above"}
 PROBABILITIES = ("item_like_rate", "user_like_rate", "logistic_regression",
                  "user_lifetime_like_rate", "logistic_regression_all")
 # finetune wording key -> the baseline features it adds (`_extra_features`).
 EXTRA = {"user_lifetime_stats": ("user_lifetime_like_rate", "user_lifetime_mean_rating"),
-         "genres": ("user_genre_mean_rating",)}
+         "genres": ("user_genre_mean_rating",), "item_popularity": ("item_popularity_level",)}
 SUFFIX = results.BASELINES_SUFFIX  # eval/{checkpoint}/{split}_baselines.json
 _EXTRA_ONLY = {n for ns in EXTRA.values() for n in ns} | {"logistic_regression_all"}
 
@@ -130,6 +133,9 @@ def _extra_features(fitted, dataset, split, rows):
     out.update(user_lifetime_like_rate=rate, user_lifetime_mean_rating=mean)
   if "genres" in fitted.extra:
     out["user_genre_mean_rating"] = _genre_mean(dataset, split, rows, fitted.mean_rating)
+  if "item_popularity" in fitted.extra:
+    out["item_popularity_level"] = item_stats.popularity_levels(
+        dataset, split, rows["sample"]).astype(np.float64)
   return out
 
 

@@ -1,4 +1,4 @@
-"""The target item's like-rate among its earlier raters, as the prompt can state it.
+"""The target item's like-rate and popularity among its earlier raters, as the prompt can state it.
 
 An extension of the paper's prompt (`finetune.item_stats`): the question names the target as
 "***{title} (liked by 64% of its earlier raters)***". The rate is the item's share of liked train
@@ -12,6 +12,14 @@ label and later ones never enter; a leave-one-out count would, since with the it
 the title the rate minus one like or one dislike gives the label away. The fine-tune's unrated
 negatives (split UNRATED, `rallrec_jax/train/unrated.py`) are train-period prompts too: they count
 the train samples before their timestamp.
+
+The popularity (`finetune.item_popularity`) adds ", more watched than 60% of movies": the
+target's number of earlier raters (counted by the same rules) placed among the deciles of the
+rated items' train-period counts (`popularity_levels`). It is what lets P(yes) rank candidates
+once the fine-tune sees unrated negatives: a user rates popular items more often, which the
+like-rate does not say. A train prompt early in the period reads a lower level than a test
+prompt for the same item; dividing by the earlier train samples to make the levels alike over
+time trained worse on the quickstart (README, recommending).
 """
 import numpy as np
 
@@ -33,20 +41,36 @@ def train_counts(dataset):
   return likes, count, float(label.mean()) if len(label) else 0.5
 
 
-def target_rates(dataset, split, samples):
-  """Smoothed like-rate [len(samples)] of each sample's target item, as defined above."""
+def target_counts(dataset, split, samples):
+  """(likes, count) [len(samples)] of the train samples each sample's prompt may count."""
   samples = np.asarray(samples, np.int64)
-  likes, count, global_rate = train_counts(dataset)
+  likes, count, _ = train_counts(dataset)
   if split == UNRATED:
     found = dataset.splits[split].take(samples)
-    return smoothed(*_counts_before(dataset.splits["train"], found.target, found.timestamp),
-                    global_rate)
+    return _counts_before(dataset.splits["train"], found.target, found.timestamp)
   if split != "train":
     target = dataset.splits[split].target[samples]
-    return smoothed(likes[target], count[target], global_rate)
+    return likes[target], count[target]
   train = dataset.splits["train"]
   likes, count = _earlier_counts(train.target, train.label.astype(np.float64), train.timestamp)
-  return smoothed(likes[samples], count[samples], global_rate)
+  return likes[samples], count[samples]
+
+
+def target_rates(dataset, split, samples):
+  """Smoothed like-rate [len(samples)] of each sample's target item, as defined above."""
+  return smoothed(*target_counts(dataset, split, samples), train_counts(dataset)[2])
+
+
+LEVELS = tuple(f"more watched than {p}% of movies" for p in range(0, 100, 10))   # deciles
+
+
+def popularity_levels(dataset, split, samples):
+  """Index into LEVELS of each sample's target: its number of earlier raters (the train samples
+  its prompt may count, as for the like-rate) against the deciles of the rated items' counts over
+  the whole train split."""
+  _, count, _ = train_counts(dataset)
+  edges = np.quantile(count[count > 0], np.arange(1, len(LEVELS)) / len(LEVELS))
+  return np.searchsorted(edges, target_counts(dataset, split, samples)[1], "right")
 
 
 def _earlier_counts(target, label, timestamp):
@@ -74,11 +98,13 @@ def _counts_before(train, target, timestamp):
   return liked[end] - liked[first], (end - first).astype(np.float64)
 
 
-def phrase(rate):
-  """'liked by 64% of its earlier raters' for a rate in [0, 1]."""
-  return f"liked by {int(round(100 * float(rate)))}% of its earlier raters"
+def phrase(rate=None, level=None):
+  """'liked by 64% of its earlier raters' for a rate in [0, 1], followed by ', more watched than
+  60% of movies' for popularity level 6 (an index into LEVELS); either part may be None."""
+  parts = [] if rate is None else [f"liked by {int(round(100 * float(rate)))}% of its earlier raters"]
+  return ", ".join(parts + ([] if level is None else [LEVELS[level]]))
 
 
 def vocabulary_text():
   """Every word and number `phrase` can write, for word-level tokenizers."""
-  return f"{phrase(0.0)} " + " ".join(str(p) for p in range(101))
+  return f"{phrase(0.0)} " + " ".join(str(p) for p in range(101)) + " " + LEVELS[0]

@@ -18,7 +18,7 @@ from rallrec_jax.prompts import item_stats as item_stats_lib, templates, user_li
 DROP = {"simple": "first", "sequential": "first", "fusion": "first", "high": "last",
         "rerank": "last"}
 # The finetune keys that decide a prompt's wording beyond the paper's (`build_examples`).
-WORDING = ("item_stats", "user_stats", "user_lifetime_stats", "genres")
+WORDING = ("item_stats", "user_stats", "user_lifetime_stats", "genres", "item_popularity")
 
 
 def wording(finetune):
@@ -139,14 +139,14 @@ def history_ratings(dataset, split, result):
 
 def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length=1024,
                    order="rerank", item_stats=False, user_stats=False,
-                   user_lifetime_stats=False, genres=False):
+                   user_lifetime_stats=False, genres=False, item_popularity=False):
   """Token ids and loss masks of every sample of a `retrieve` result, in its row order.
 
   labels=True appends each sample's answer (training); False leaves the prompt open for
   scoring. `order` is the retrieval order that made `result`; it picks the items dropped first
-  when a prompt is too long. `item_stats` names the target with its earlier raters' like-rate
-  (`rallrec_jax.prompts.item_stats`); `user_stats` follows the history with the user's like count
-  and mean rating over the items kept (`templates.history_summary`); `user_lifetime_stats`
+  when a prompt is too long. `item_stats` names the target with its earlier raters' like-rate,
+  `item_popularity` with its popularity level (`rallrec_jax.prompts.item_stats`); `user_stats`
+  follows the history with the user's like count and mean rating over the items kept (`templates.history_summary`); `user_lifetime_stats`
   adds the like-rate and mean rating over every earlier rating (`user_lifetime`); `genres`
   names every item with its genres (`titled`). Returns
   input_ids and loss_mask (lists of int32 arrays), label (int8 [N]), sample (index in the split
@@ -159,7 +159,9 @@ def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length
   sample = np.asarray(result["sample"], np.int64)
   label = samples.label[sample].astype(np.int8)
   ratings = history_ratings(dataset, split, result)
-  rates = item_stats_lib.target_rates(dataset, split, sample) if item_stats else None
+  none = [None] * len(sample)
+  rates = item_stats_lib.target_rates(dataset, split, sample) if item_stats else none
+  levels = item_stats_lib.popularity_levels(dataset, split, sample) if item_popularity else none
   threshold = float(dataset.meta["label_threshold"]) if user_stats else None
   lifetime = (user_lifetime.counts(dataset, split, sample, float(dataset.meta["label_threshold"]))
               if user_lifetime_stats else None)
@@ -169,8 +171,8 @@ def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length
     pairs = [(titled(dataset.items[item], genres), rating)
              for item, rating in zip(hist, ratings[i]) if item >= 0]
     title = titled(dataset.items[target], genres)
-    if item_stats:
-      title = f"{title} ({item_stats_lib.phrase(rates[i])})"
+    if item_stats or item_popularity:
+      title = f"{title} ({item_stats_lib.phrase(rates[i], levels[i])})"
     enc = encode_fitted(tokenizer, dataset.users[user], pairs, title, name,
                         answer=templates.ANSWERS[bool(label[i])] if labels else None,
                         max_length=max_length, drop=DROP[order], threshold=threshold,
