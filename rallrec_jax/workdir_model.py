@@ -34,7 +34,8 @@ def model_folder(cfg, workdir):
 def _tiny_model_folder(cfg, workdir, dataset):
   """W/model_tiny: a random decoder whose vocabulary covers the items' text and prompts."""
   folder = _tiny_folder(workdir)
-  texts = _tiny_vocabulary_texts(dataset, cfg.finetune.user_lifetime_stats)
+  texts = _tiny_vocabulary_texts(dataset, cfg.finetune.user_lifetime_stats,
+                                 cfg.finetune.item_popularity)
   key = hashlib.sha256(json.dumps([cfg.model.tiny.to_dict(), dataset.meta, texts],
                                   sort_keys=True).encode()).hexdigest()
   if (folder / "config.json").is_file() and (folder / "key").is_file() and (
@@ -49,7 +50,7 @@ def _tiny_model_folder(cfg, workdir, dataset):
   return folder
 
 
-def _tiny_vocabulary_texts(dataset, lifetime=False):
+def _tiny_vocabulary_texts(dataset, lifetime=False, popularity=False):
   """Texts whose words the tiny tokenizer must know: the items, the description prompts, the
   plain template, and the recommendation question with every rating from 0 to 10 stars and
   every user's profile, the history summary (`finetune.user_stats`) and the target's like-rate
@@ -70,6 +71,8 @@ def _tiny_vocabulary_texts(dataset, lifetime=False):
   if lifetime:
     texts.append(render.render_prompt(dataset.users[0], history, titles[0], name,
                                       lifetime=(87, 45, 3.6)))
+  if popularity:
+    texts.append(item_stats.phrase(None, 0))
   return texts
 
 

@@ -1,7 +1,11 @@
-"""The target's like-rate in prompts (finetune.item_stats): leak-free, equal to the baseline's."""
+"""The target's like-rate and popularity in prompts (finetune.item_stats, item_popularity):
+leak-free, equal to the baselines'."""
+import hashlib
+
 import numpy as np
 import pytest
 
+from rallrec_jax import config as config_lib, data, workdir_model
 from rallrec_jax.data import schema
 from rallrec_jax.eval import baselines
 from rallrec_jax.llm import tiny, tokenizer as tok_lib
@@ -160,3 +164,17 @@ def test_prompt_names_the_target_with_its_popularity(tmp_path, item_stats_on):
     text = render.render_prompt(ds.users[0], [("Item0", 4.0)], title, "ml1m")
     np.testing.assert_array_equal(row, render.encode(tok, text)["input_ids"])
     assert tok.unk_token_id not in row.tolist()
+
+
+def test_the_popularity_phrase_leaves_the_default_tiny_vocabulary_alone():
+  """The tiny decoder's random weights follow its word ranks, so the default texts must rank as
+  every earlier run's did (this hash is theirs); the popularity phrase joins only when on."""
+  c = config_lib.base_config().data
+  c.synthetic.num_users, c.synthetic.num_items, c.synthetic.num_ratings = 60, 80, 2400
+  ds = data.prepare(c)
+  default = tiny.vocabulary(workdir_model._tiny_vocabulary_texts(ds))
+  assert hashlib.sha256(" ".join(default).encode()).hexdigest() == (
+      "376e1b9803228787c1c53bc7d73a0002f88fd4aec98143d6970e66082c433b30")
+  texts = workdir_model._tiny_vocabulary_texts(ds, popularity=True)
+  assert texts[-1] == item_stats.phrase(None, 0)
+  assert tiny.vocabulary(texts) != default

@@ -18,8 +18,8 @@ target's number of earlier raters (counted by the same rules) placed among the d
 rated items' train-period counts (`popularity_levels`). It is what lets P(yes) rank candidates
 once the fine-tune sees unrated negatives: a user rates popular items more often, which the
 like-rate does not say. A train prompt early in the period reads a lower level than a test
-prompt for the same item; dividing by the earlier train samples to make the levels alike over
-time trained worse on the quickstart (README, recommending).
+prompt for the same item; dividing by the earlier train samples, to make the levels alike over
+time, ranked no better on the quickstart's validation users (README, recommending).
 """
 import numpy as np
 
@@ -107,4 +107,4 @@ def phrase(rate=None, level=None):
 
 def vocabulary_text():
   """Every word and number `phrase` can write, for word-level tokenizers."""
-  return f"{phrase(0.0)} " + " ".join(str(p) for p in range(101)) + " " + LEVELS[0]
+  return f"{phrase(0.0)} " + " ".join(str(p) for p in range(101))
