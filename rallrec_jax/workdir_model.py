@@ -71,8 +71,9 @@ def _tiny_vocabulary_texts(dataset, lifetime=False, popularity=False):
   if lifetime:
     texts.append(render.render_prompt(dataset.users[0], history, titles[0], name,
                                       lifetime=(87, 45, 3.6)))
-  if popularity:
-    texts.append(item_stats.phrase(None, 0))
+  phrase = item_stats.phrase(None, 0)
+  if popularity and set(tiny.vocabulary([phrase])) - set(tiny.vocabulary(texts)):
+    texts.append(phrase)
   return texts
 
 

@@ -168,7 +168,8 @@ def test_prompt_names_the_target_with_its_popularity(tmp_path, item_stats_on):
 
 def test_the_popularity_phrase_leaves_the_default_tiny_vocabulary_alone():
   """The tiny decoder's random weights follow its word ranks, so the default texts must rank as
-  every earlier run's did (this hash is theirs); the popularity phrase joins only when on."""
+  every earlier run's did (this hash is theirs); the popularity phrase, whose words the
+  synthetic texts already hold, leaves them as they are, and joins a catalogue that lacks them."""
   c = config_lib.base_config().data
   c.synthetic.num_users, c.synthetic.num_items, c.synthetic.num_ratings = 60, 80, 2400
   ds = data.prepare(c)
@@ -176,5 +177,9 @@ def test_the_popularity_phrase_leaves_the_default_tiny_vocabulary_alone():
   assert hashlib.sha256(" ".join(default).encode()).hexdigest() == (
       "376e1b9803228787c1c53bc7d73a0002f88fd4aec98143d6970e66082c433b30")
   texts = workdir_model._tiny_vocabulary_texts(ds, popularity=True)
+  assert tiny.vocabulary(texts) == default
+  for item in ds.items:
+    item["title"] = item["title"].replace("movies", "books")
+  ds.meta["name"] = "bookcrossing"
+  texts = workdir_model._tiny_vocabulary_texts(ds, popularity=True)
   assert texts[-1] == item_stats.phrase(None, 0)
-  assert tiny.vocabulary(texts) != default
