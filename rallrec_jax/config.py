@@ -123,8 +123,8 @@ def base_config():
   # list with the user's like count and mean rating over it (rallrec_jax/prompts/templates.py).
   # `user_lifetime_stats`: and with the user's like-rate and mean rating over every earlier
   # rating (rallrec_jax/prompts/user_lifetime.py). `genres`: name every item with its genres.
-  # `item_popularity`: name the target with how often it was watched ("more watched than 60% of
-  # movies": the decile of its number of earlier raters, prompts/item_stats.py); with
+  # `item_popularity`: name the target with how often it was liked ("more liked than 60% of
+  # movies": the decile of its number of earlier likes, prompts/item_stats.py); with
   # `unrated` negatives it is what lets P(yes) rank recommendation candidates.
   # `unrated`: add this many unrated negatives per training prompt (an item the user never
   # rated, answered "No"; rallrec_jax/train/unrated.py), so that P(yes) can rank candidates.

@@ -263,8 +263,9 @@ def test_popularity_baseline_reads_the_level_the_prompt_states(dataset):
   assert "logistic_regression_all" in got
   train = dataset.splits["train"]
   count = np.bincount(train.target, minlength=dataset.num_items)
-  edges = np.quantile(count[count > 0], np.arange(1, 10) / 10)
+  likes = np.bincount(train.target, weights=train.label, minlength=dataset.num_items)
+  edges = np.quantile(likes[count > 0], np.arange(1, 10) / 10)
   target = dataset.splits["test"].target[result["sample"]]
-  expected = [sum(count[t] >= e for e in edges) for t in target]
+  expected = [sum(likes[t] >= e for e in edges) for t in target]
   np.testing.assert_array_equal(got["item_popularity_level"], expected)
   assert fitted.extra_model[0].n_features_in_ == 4

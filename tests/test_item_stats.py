@@ -108,12 +108,13 @@ def test_unrated_rates_count_the_train_samples_before_their_timestamp():
 
 
 def _loop_levels(ds, split, samples):
-  """Popularity levels recomputed by scanning: the target's number of train samples its prompt
-  may count, against the deciles of the items' final train counts."""
+  """Popularity levels recomputed by scanning: the target's number of liked train samples its
+  prompt may count, against the deciles of the rated items' final train like counts."""
   train = ds.splits["train"]
   n = len(train.target)
-  final = np.array([np.sum(train.target == i) for i in range(len(ds.items))])
-  edges = np.quantile(final[final > 0], np.arange(1, 10) / 10)
+  rated = [i for i in range(len(ds.items)) if np.any(train.target == i)]
+  final = [np.sum((train.target == i) & (train.label == 1)) for i in rated]
+  edges = np.quantile(final, np.arange(1, 10) / 10)
   out = []
   for i in samples:
     target = ds.splits[split].target[i]
@@ -123,7 +124,8 @@ def _loop_levels(ds, split, samples):
       earlier = [j for j in range(n) if train.timestamp[j] < ds.splits[split].timestamp[i]]
     else:
       earlier = list(range(n))
-    out.append(sum(sum(train.target[j] == target for j in earlier) >= e for e in edges))
+    likes = sum(train.target[j] == target and train.label[j] == 1 for j in earlier)
+    out.append(sum(likes >= e for e in edges))
   return np.array(out)
 
 
@@ -143,8 +145,8 @@ def test_popularity_levels_match_a_scan_of_the_earlier_train_samples(split):
 
 def test_phrase_names_the_popularity_level():
   assert item_stats.phrase(0.6449, 6) == (
-      "liked by 64% of its earlier raters, more watched than 60% of movies")
-  assert item_stats.phrase(None, 0) == "more watched than 0% of movies"
+      "liked by 64% of its earlier raters, more liked than 60% of movies")
+  assert item_stats.phrase(None, 0) == "more liked than 0% of movies"
   assert item_stats.phrase(0.5) == "liked by 50% of its earlier raters"
 
 

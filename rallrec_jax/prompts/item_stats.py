@@ -13,13 +13,15 @@ the title the rate minus one like or one dislike gives the label away. The fine-
 negatives (split UNRATED, `rallrec_jax/train/unrated.py`) are train-period prompts too: they count
 the train samples before their timestamp.
 
-The popularity (`finetune.item_popularity`) adds ", more watched than 60% of movies": the
-target's number of earlier raters (counted by the same rules) placed among the deciles of the
-rated items' train-period counts (`popularity_levels`). It is what lets P(yes) rank candidates
-once the fine-tune sees unrated negatives: a user rates popular items more often, which the
-like-rate does not say. A train prompt early in the period reads a lower level than a test
-prompt for the same item; dividing by the earlier train samples, to make the levels alike over
-time, ranked no better on the quickstart's validation users (README, recommending).
+The popularity (`finetune.item_popularity`) adds ", more liked than 60% of movies": the
+target's number of earlier likes (counted by the same rules) placed among the deciles of the
+rated items' train-period like counts (`popularity_levels`), the most-popular ranking's own
+score. It is what lets P(yes) rank candidates once the fine-tune sees unrated negatives: a user
+rates popular items more often, which the like-rate does not say. A train prompt early in the
+period reads a lower level than a test prompt for the same item; dividing by the earlier train
+samples, to make the levels alike over time, ranked no better on the quickstart's validation
+users, and the count of raters instead of likes ranked as well with lower validation AUC (README,
+recommending).
 """
 import numpy as np
 
@@ -61,16 +63,16 @@ def target_rates(dataset, split, samples):
   return smoothed(*target_counts(dataset, split, samples), train_counts(dataset)[2])
 
 
-LEVELS = tuple(f"more watched than {p}% of movies" for p in range(0, 100, 10))   # deciles
+LEVELS = tuple(f"more liked than {p}% of movies" for p in range(0, 100, 10))   # deciles
 
 
 def popularity_levels(dataset, split, samples):
-  """Index into LEVELS of each sample's target: its number of earlier raters (the train samples
-  its prompt may count, as for the like-rate) against the deciles of the rated items' counts over
-  the whole train split."""
-  _, count, _ = train_counts(dataset)
-  edges = np.quantile(count[count > 0], np.arange(1, len(LEVELS)) / len(LEVELS))
-  return np.searchsorted(edges, target_counts(dataset, split, samples)[1], "right")
+  """Index into LEVELS of each sample's target: its number of earlier likes (the liked train
+  samples its prompt may count, as for the like-rate) against the deciles of the rated items'
+  like counts over the whole train split."""
+  likes, count, _ = train_counts(dataset)
+  edges = np.quantile(likes[count > 0], np.arange(1, len(LEVELS)) / len(LEVELS))
+  return np.searchsorted(edges, target_counts(dataset, split, samples)[0], "right")
 
 
 def _earlier_counts(target, label, timestamp):
@@ -99,7 +101,7 @@ def _counts_before(train, target, timestamp):
 
 
 def phrase(rate=None, level=None):
-  """'liked by 64% of its earlier raters' for a rate in [0, 1], followed by ', more watched than
+  """'liked by 64% of its earlier raters' for a rate in [0, 1], followed by ', more liked than
   60% of movies' for popularity level 6 (an index into LEVELS); either part may be None."""
   parts = [] if rate is None else [f"liked by {int(round(100 * float(rate)))}% of its earlier raters"]
   return ", ".join(parts + ([] if level is None else [LEVELS[level]]))
