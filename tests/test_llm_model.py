@@ -13,7 +13,7 @@ from safetensors import numpy as safetensors_numpy
 from rallrec_jax import parallel
 from rallrec_jax.llm import LMConfig, load_pretrained
 from rallrec_jax.llm import generate, hf_io, lora, tiny
-from rallrec_jax.llm.model import Decoder, abstract_params, stack_layers
+from rallrec_jax.llm.model import Decoder, abstract_params, matmul_f32_acc, stack_layers
 from tests.llm_fixtures import random_batch, tiny_hf_model
 
 torch = pytest.importorskip("torch")
@@ -217,3 +217,36 @@ def test_scanned_lora_and_cache_equal_unrolled():
   assert got_cache["k"].shape == (6, 3, 16, 2, 8)
   _close(got_hidden, hidden, 1e-5)
   _close(got_cache, jax.tree.map(lambda *c: jnp.stack(c), *cache), 1e-5)
+
+
+def test_16_bit_matmul_runs_every_dot_on_16_bit_inputs_with_float32_accumulation():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 48)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(48, 32)), jnp.bfloat16)
+  c = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
+
+  def loss(x, w):
+    return (matmul_f32_acc(x, w).astype(jnp.float32) * c).sum()
+
+  def exact(x, w):
+    return ((x.astype(jnp.float32) @ w.astype(jnp.float32)) * c).sum()
+
+  got = jax.grad(loss, (0, 1))(x, w)
+  want = jax.grad(exact, (0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
+  for g, e in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    # bfloat16 keeps 8 bits: the cotangent and the result are rounded once each.
+    np.testing.assert_allclose(np.asarray(g, np.float32), e, atol=0.02 * float(jnp.abs(e).max()))
+
+  def dots(jaxpr):
+    for eq in jaxpr.eqns:
+      if eq.primitive.name == "dot_general":
+        yield eq
+      if "call_jaxpr" in eq.params:   # the forward pass, inside the custom_vjp call
+        yield from dots(eq.params["call_jaxpr"].jaxpr)
+
+  found = list(dots(jax.make_jaxpr(jax.value_and_grad(loss, (0, 1)))(x, w).jaxpr))
+  assert len(found) == 3   # forward, input gradient, weight gradient
+  for eq in found:
+    assert [v.aval.dtype for v in eq.invars] == [jnp.bfloat16, jnp.bfloat16]
+    assert eq.outvars[0].aval.dtype == jnp.float32
