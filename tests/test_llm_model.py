@@ -12,8 +12,8 @@ from safetensors import numpy as safetensors_numpy
 
 from rallrec_jax import parallel
 from rallrec_jax.llm import LMConfig, load_pretrained
-from rallrec_jax.llm import generate, hf_io, lora, tiny
-from rallrec_jax.llm.model import Decoder, abstract_params, matmul_f32_acc, stack_layers
+from rallrec_jax.llm import generate, hf_io, lora, matmul, tiny
+from rallrec_jax.llm.model import Decoder, abstract_params, stack_layers
 from tests.llm_fixtures import random_batch, tiny_hf_model
 
 torch = pytest.importorskip("torch")
@@ -226,7 +226,7 @@ def test_16_bit_matmul_runs_every_dot_on_16_bit_inputs_with_float32_accumulation
   c = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
 
   def loss(x, w):
-    return (matmul_f32_acc(x, w).astype(jnp.float32) * c).sum()
+    return (matmul.einsum_f32_acc("ij,jk->ik", x, w).astype(jnp.float32) * c).sum()
 
   def exact(x, w):
     return ((x.astype(jnp.float32) @ w.astype(jnp.float32)) * c).sum()
@@ -250,3 +250,4 @@ def test_16_bit_matmul_runs_every_dot_on_16_bit_inputs_with_float32_accumulation
   for eq in found:
     assert [v.aval.dtype for v in eq.invars] == [jnp.bfloat16, jnp.bfloat16]
     assert eq.outvars[0].aval.dtype == jnp.float32
+

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rallrec_jax import parallel
-from rallrec_jax.llm import rope
+from rallrec_jax.llm import matmul, rope
 
 _REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
           "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -48,31 +48,6 @@ PARAM_AXES = (("vocab", "embed"), ("embed", "vocab"), *_LAYER_PARAM_AXES,
 
 def _init(names, scale=INIT_STD):
   return nn.with_logical_partitioning(nn.initializers.normal(scale), names)
-
-
-@jax.custom_vjp
-def matmul_f32_acc(x, w):
-  """x @ w for 2-D 16-bit x and w, accumulated in float32 and cast back to x's dtype, with a
-  backward pass of the same kind. Autodiff of `jnp.dot(..., preferred_element_type=float32)`
-  would run both gradient dots on the float32 cotangent (or into a 16-bit result); on a CPU with
-  bfloat16 matrix units (AMX, AVX512-BF16) those are several times slower than a dot of
-  bfloat16 inputs accumulating in float32 (README, benchmarks)."""
-  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def _matmul_fwd(x, w):
-  return matmul_f32_acc(x, w), (x, w)
-
-
-def _matmul_bwd(res, g):
-  x, w = res
-  g = g.astype(x.dtype)
-  dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
-  dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32).astype(w.dtype)
-  return dx, dw
-
-
-matmul_f32_acc.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Dense(nn.Module):
@@ -99,13 +74,11 @@ class Dense(nn.Module):
     # batched contraction 2-3x slower than that of the same matmul in two dimensions.
     lead = x.shape[:x.ndim - self.in_ndim]
     # In 16 bits the dot accumulates in float32 and is cast back, forward and backward
-    # (`matmul_f32_acc`): XLA's CPU backend runs a dot with a bfloat16 result at a fraction of
-    # the speed of one that accumulates in float32 (README, benchmarks); on accelerators this is
-    # what their 16-bit matmuls do. Float32 keeps the plain dot and its autodiff.
+    # (`matmul.einsum_f32_acc`, README: benchmarks). Float32 keeps the plain dot.
     x2 = x.astype(self.dtype).reshape(-1, math.prod(in_dims))
     k2 = kernel.astype(self.dtype).reshape(math.prod(in_dims), -1)
-    y = (jnp.dot(x2, k2, preferred_element_type=jnp.float32) if x2.dtype == jnp.float32
-         else matmul_f32_acc(x2, k2))
+    y = (jnp.dot(x2, k2, preferred_element_type=jnp.float32).astype(self.dtype)
+         if x2.dtype == jnp.float32 else matmul.einsum_f32_acc("ij,jk->ik", x2, k2))
     y = y.reshape(*lead, *self.features)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_names),
