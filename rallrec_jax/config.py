@@ -131,7 +131,8 @@ def base_config():
   c.finetune = ml_collections.ConfigDict(dict(
       variant="rerank", pool_size=8192, mixed_size=1024, unrated=0.0, max_length=1024,
       batch_size=8, grad_accum=32, lr=5e-4, weight_decay=0.0, warmup=0, clip_norm=0.0,
-      epochs=20, eval_every=0, eval_samples=1000, eval_rows="first", patience=5, seed=42, method="lora", loss="answer",
+      epochs=20, eval_every=0, eval_samples=1000, eval_rows="first", patience=5, seed=42,
+      method="lora", loss="answer",
       item_stats=False, user_stats=False, user_lifetime_stats=False, genres=False,
       item_popularity=False,
       lora=ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.05,

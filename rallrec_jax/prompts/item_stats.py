@@ -46,16 +46,16 @@ def train_counts(dataset):
 def target_counts(dataset, split, samples):
   """(likes, count) [len(samples)] of the train samples each sample's prompt may count."""
   samples = np.asarray(samples, np.int64)
-  likes, count, _ = train_counts(dataset)
+  train = dataset.splits["train"]
   if split == UNRATED:
     found = dataset.splits[split].take(samples)
-    return _counts_before(dataset.splits["train"], found.target, found.timestamp)
-  if split != "train":
-    target = dataset.splits[split].target[samples]
-    return likes[target], count[target]
-  train = dataset.splits["train"]
-  likes, count = _earlier_counts(train.target, train.label.astype(np.float64), train.timestamp)
-  return likes[samples], count[samples]
+    return _counts_before(train, found.target, found.timestamp)
+  if split == "train":
+    likes, count = _earlier_counts(train.target, train.label.astype(np.float64), train.timestamp)
+    return likes[samples], count[samples]
+  likes, count, _ = train_counts(dataset)
+  target = dataset.splits[split].target[samples]
+  return likes[target], count[target]
 
 
 def target_rates(dataset, split, samples):
@@ -66,13 +66,29 @@ def target_rates(dataset, split, samples):
 LEVELS = tuple(f"more liked than {p}% of movies" for p in range(0, 100, 10))   # deciles
 
 
+def _levels(dataset, likes_before):
+  """Index into LEVELS of each count of earlier likes: its decile among the rated items' like
+  counts over the whole train split."""
+  likes, count, _ = train_counts(dataset)
+  edges = np.quantile(likes[count > 0], np.arange(1, len(LEVELS)) / len(LEVELS))
+  return np.searchsorted(edges, likes_before, "right")
+
+
 def popularity_levels(dataset, split, samples):
   """Index into LEVELS of each sample's target: its number of earlier likes (the liked train
   samples its prompt may count, as for the like-rate) against the deciles of the rated items'
   like counts over the whole train split."""
-  likes, count, _ = train_counts(dataset)
-  edges = np.quantile(likes[count > 0], np.arange(1, len(LEVELS)) / len(LEVELS))
-  return np.searchsorted(edges, target_counts(dataset, split, samples)[0], "right")
+  return _levels(dataset, target_counts(dataset, split, samples)[0])
+
+
+def target_phrases(dataset, split, samples, rate=True, level=True):
+  """`phrase` of each sample's target with its like-rate and/or popularity level, both from
+  one count of the train samples its prompt may count."""
+  likes, count = target_counts(dataset, split, samples)
+  none = [None] * len(likes)
+  rates = smoothed(likes, count, train_counts(dataset)[2]) if rate else none
+  levels = _levels(dataset, likes) if level else none
+  return [phrase(r, v) for r, v in zip(rates, levels)]
 
 
 def _earlier_counts(target, label, timestamp):
@@ -103,7 +119,8 @@ def _counts_before(train, target, timestamp):
 def phrase(rate=None, level=None):
   """'liked by 64% of its earlier raters' for a rate in [0, 1], followed by ', more liked than
   60% of movies' for popularity level 6 (an index into LEVELS); either part may be None."""
-  parts = [] if rate is None else [f"liked by {int(round(100 * float(rate)))}% of its earlier raters"]
+  parts = [] if rate is None else [
+      f"liked by {int(round(100 * float(rate)))}% of its earlier raters"]
   return ", ".join(parts + ([] if level is None else [LEVELS[level]]))
 
 

@@ -146,11 +146,11 @@ def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length
   scoring. `order` is the retrieval order that made `result`; it picks the items dropped first
   when a prompt is too long. `item_stats` names the target with its earlier raters' like-rate,
   `item_popularity` with its popularity level (`rallrec_jax.prompts.item_stats`); `user_stats`
-  follows the history with the user's like count and mean rating over the items kept (`templates.history_summary`); `user_lifetime_stats`
-  adds the like-rate and mean rating over every earlier rating (`user_lifetime`); `genres`
-  names every item with its genres (`titled`). Returns
-  input_ids and loss_mask (lists of int32 arrays), label (int8 [N]), sample (index in the split
-  [N]) and kept (history items in each prompt [N]).
+  follows the history with the user's like count and mean rating over the items kept
+  (`templates.history_summary`); `user_lifetime_stats` adds the like-rate and mean rating over
+  every earlier rating (`user_lifetime`); `genres` names every item with its genres (`titled`).
+  Returns input_ids and loss_mask (lists of int32 arrays), label (int8 [N]), sample (index in the
+  split [N]) and kept (history items in each prompt [N]).
   """
   if order not in DROP:
     raise ValueError(f"unknown retrieval order {order!r}; known: {sorted(DROP)}")
@@ -159,9 +159,8 @@ def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length
   sample = np.asarray(result["sample"], np.int64)
   label = samples.label[sample].astype(np.int8)
   ratings = history_ratings(dataset, split, result)
-  none = [None] * len(sample)
-  rates = item_stats_lib.target_rates(dataset, split, sample) if item_stats else none
-  levels = item_stats_lib.popularity_levels(dataset, split, sample) if item_popularity else none
+  phrases = (item_stats_lib.target_phrases(dataset, split, sample, item_stats, item_popularity)
+             if item_stats or item_popularity else None)
   threshold = float(dataset.meta["label_threshold"]) if user_stats else None
   lifetime = (user_lifetime.counts(dataset, split, sample, float(dataset.meta["label_threshold"]))
               if user_lifetime_stats else None)
@@ -171,8 +170,8 @@ def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length
     pairs = [(titled(dataset.items[item], genres), rating)
              for item, rating in zip(hist, ratings[i]) if item >= 0]
     title = titled(dataset.items[target], genres)
-    if item_stats or item_popularity:
-      title = f"{title} ({item_stats_lib.phrase(rates[i], levels[i])})"
+    if phrases:
+      title = f"{title} ({phrases[i]})"
     enc = encode_fitted(tokenizer, dataset.users[user], pairs, title, name,
                         answer=templates.ANSWERS[bool(label[i])] if labels else None,
                         max_length=max_length, drop=DROP[order], threshold=threshold,
