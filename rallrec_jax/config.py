@@ -79,7 +79,8 @@ def base_config():
   m.param_dtype = ""          # "" = same as dtype
   m.remat = "none"            # none | full | dots
   m.attention = ""            # xla | cudnn (flash); "": cudnn for 16-bit prefill on NVIDIA GPUs
-  m.scan_layers = "auto"      # auto | true | false: the layers as one scan; auto: 5+ layers
+  m.scan_layers = "auto"      # auto | true | false: the layers as one scan; auto: 5+ layers,
+                              # unrolled in 16-bit compute on a CPU
   m.mesh = (("data", -1),)    # (axis, size) pairs over data / fsdp / tensor, one -1
   # Logical axis -> the mesh axes that shard it ("data,fsdp", "tensor", "" = replicated).
   # Params shard over fsdp (embed) and tensor (heads, mlp, vocab); activations their batch

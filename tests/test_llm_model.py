@@ -144,6 +144,10 @@ def test_auto_scans_deep_stacks_only():
   assert not dataclasses.replace(DEEP, num_layers=2, scan_layers="auto").scanned
   assert not dataclasses.replace(DEEP, num_layers=4, scan_layers="auto").scanned
   assert dataclasses.replace(DEEP, scan_layers="auto").scanned
+  # 16-bit compute on a CPU runs unrolled (the scan copies its residuals there).
+  on_cpu = jax.default_backend() == "cpu"
+  assert dataclasses.replace(DEEP, dtype="bfloat16").scanned is not on_cpu
+  assert dataclasses.replace(DEEP, dtype="bfloat16", scan_layers="true").scanned
   assert dataclasses.replace(DEEP, num_layers=2, scan_layers="true").scanned
   with pytest.raises(ValueError, match="scan_layers"):
     dataclasses.replace(DEEP, scan_layers="yes")

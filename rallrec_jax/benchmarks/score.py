@@ -86,20 +86,19 @@ def _batches(cfg, seq, batch, batches):
 
 
 def _time(fns, data):
-  """[(P(yes) of every row, seconds)] per function, after a warm-up batch each.
+  """[(P(yes) of every row, seconds)] per function, each after a warm-up batch, in turn.
 
-  The functions take turns batch by batch, so that a change in the machine's load during the
-  run falls on both sides alike.
+  Ours runs first and whole: torch's OpenMP workers keep spinning after each call, and on 2
+  cores they halved the speed of the XLA code that ran between torch calls.
   """
+  results = []
   for fn in fns:
     np.asarray(fn(*data[0]))
-  outs, seconds = [[] for _ in fns], [0.0] * len(fns)
-  for ids, mask in data:
-    for k, fn in enumerate(fns):
-      start = time.perf_counter()
-      outs[k].append(np.asarray(fn(ids, mask)))
-      seconds[k] += time.perf_counter() - start
-  return [(np.concatenate(out), s) for out, s in zip(outs, seconds)]
+    start, out = time.perf_counter(), []
+    for ids, mask in data:
+      out.append(np.asarray(fn(ids, mask)))
+    results.append((np.concatenate(out), time.perf_counter() - start))
+  return results
 
 
 def _torch_p_yes(model, ids, mask, answers):
