@@ -10,7 +10,6 @@ REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("", "xla", "cudnn")
 SCAN_LAYERS = ("auto", "true", "false")
 SCAN_AUTO_MIN_LAYERS = 5  # "auto" scans stacks of at least this many layers
-SIXTEEN_BIT = ("bfloat16", "float16")
 
 
 class CheckpointError(ValueError):
@@ -63,7 +62,7 @@ class LMConfig:
     there XLA copies the scan's stacked residuals at every layer, and the unrolled SmolLM2-135M
     LoRA step in bfloat16 runs 1.65x the scanned one (README, benchmarks)."""
     if self.scan_layers == "auto":
-      cpu_16bit = self.dtype in SIXTEEN_BIT and jax.default_backend() == "cpu"
+      cpu_16bit = self.dtype != "float32" and jax.default_backend() == "cpu"
       return self.num_layers >= SCAN_AUTO_MIN_LAYERS and not cpu_16bit
     return self.scan_layers == "true"
 
