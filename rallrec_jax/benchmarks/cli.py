@@ -14,6 +14,9 @@ with the competitor measured in the same run and the ratio.
   python -m rallrec_jax.bench retrieval-quality         test AUC of retrieved history (ML-100K)
   python -m rallrec_jax.bench prefix-score --workdir W  one user's candidates: shared-prefix
                                                         KV cache vs every prompt whole
+  python -m rallrec_jax.bench linear-reading --workdir W
+                                                        the LLM's logit vs its linear fit on
+                                                        the prompt's stated numbers
 
 prepare: the `prepare` stage (parse, build samples and splits, write W/data/) on synthetic
 ratings written in the ML-1M file format, run in a fresh process so that its peak memory is
@@ -187,6 +190,13 @@ def main(argv=None):
   quality.add_argument("--config", default=None,
                        help="a config file[:arg] (e.g. configs/quickstart.py) whose data and "
                             "representations to measure instead of ML-100K's")
+  reading = sub.add_parser("linear-reading",
+                           help="a workdir's LLM logit against its linear fit on the prompt's "
+                                "stated numbers (like-rate, shown ratings): AUC of each part")
+  reading.add_argument("--workdir", required=True, help="workdir with evaluate done")
+  reading.add_argument("--checkpoint", default="best",
+                       help="the eval/ folder to read (best, latest, step-N, none, ...)")
+  reading.add_argument("--fit-split", default="valid", help="split the linear part is fitted on")
   prefix = sub.add_parser("prefix-score",
                           help="one user's candidate prompts: the shared prefix run once into "
                                "a KV cache vs every prompt scored whole")
@@ -242,6 +252,10 @@ def main(argv=None):
                                         args.model_dir,
                                         "description" if args.descriptions else "template")
     _emit(bench_quality.bench_retrieval_quality(args.workdir, cfg))
+  elif args.bench == "linear-reading":
+    from rallrec_jax.eval import reading
+    _emit([dict(bench="linear_reading", **row)
+           for row in reading.read(args.workdir, args.checkpoint, args.fit_split)])
   elif args.bench == "prefix-score":
     from rallrec_jax.benchmarks import prefix as bench_prefix
     for dtype in args.dtype.split(","):

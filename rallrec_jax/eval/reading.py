@@ -1,0 +1,96 @@
+"""How much of the LLM's score is a linear reading of the numbers its prompt states.
+
+The fine-tuned model's logit log(p / (1 - p)) is fitted by least squares on the prompt's stated
+features (`features`: the target's like-rate when the prompt states it, the K shown ratings by
+position, which of the K slots are filled) on one split, the validation split in `read`. On each
+split the AUCs of the logit, of its fitted linear part and of the rest tell whether the model
+adds anything to a linear reading of its prompt or only noise; the share of the rest's variance
+that lies between target items and between users says where that rest comes from (chance is
+about groups / rows).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from rallrec_jax import data
+from rallrec_jax.eval import metrics
+from rallrec_jax.prompts import item_stats, render
+from rallrec_jax.retrieval import history
+
+EPS = 1e-6
+
+
+def features(dataset, result, split, samples, like_rate=True):
+  """[N, F] stated features of a split's samples: like-rate (if `like_rate`), then the K shown
+  ratings by position (0 where a slot is empty), then K filled flags."""
+  ratings = render.history_ratings(dataset, split, history.take(result, samples))
+  columns = [np.nan_to_num(ratings, nan=0.0), (~np.isnan(ratings)).astype(np.float64)]
+  if like_rate:
+    columns.insert(0, item_stats.target_rates(dataset, split, samples)[:, None])
+  return np.concatenate(columns, axis=1)
+
+
+def fit_linear(x, y):
+  """Least-squares weights [F + 1] (intercept last) of y on x."""
+  design = np.column_stack([x, np.ones(len(x))])
+  return np.linalg.lstsq(design, y, rcond=None)[0]
+
+
+def predict_linear(weights, x):
+  return x @ weights[:-1] + weights[-1]
+
+
+def between_share(values, groups):
+  """Share of the variance of `values` that lies between the means of `groups`."""
+  centred = values - values.mean()
+  _, index = np.unique(groups, return_inverse=True)
+  means = np.bincount(index, centred) / np.bincount(index)
+  total = np.sum(centred ** 2)
+  return float(np.sum(means[index] ** 2) / total) if total > 0 else 0.0
+
+
+def decompose(weights, x, logit, label, groups):
+  """Metrics of one split given linear `weights` fitted elsewhere; `groups` is {name: [N]}."""
+  linear = predict_linear(weights, x)
+  rest = logit - linear
+  variance = np.var(logit)
+  row = {"auc": metrics.auc(label, logit), "linear_auc": metrics.auc(label, linear),
+         "rest_auc": metrics.auc(label, rest),
+         "r2": float(1 - np.var(rest) / variance) if variance > 0 else 0.0, "n": len(label)}
+  for name, group in groups.items():
+    row[f"rest_share_{name}"] = between_share(rest, group)
+    row[f"chance_{name}"] = len(np.unique(group)) / len(group)
+  return row
+
+
+def read(workdir, checkpoint="best", fit_split="valid", splits=("valid", "test")):
+  """One dict per split of `decompose` for the workdir's `eval/{checkpoint}/` predictions, the
+  linear part fitted on `fit_split`."""
+  workdir = Path(workdir)
+  paths = {split: workdir / "eval" / checkpoint / f"{split}_predictions.npz"
+           for split in dict.fromkeys((fit_split, *splits))}
+  for split, path in paths.items():
+    if not path.is_file():
+      raise FileNotFoundError(f"{path}: no predictions; run the evaluate stage with "
+                              f"eval.checkpoint={checkpoint} and {split} in eval.splits")
+  dataset = data.load_dataset(workdir)
+  like_rate = _states_like_rate(workdir)
+  loaded = {}
+  for split, path in paths.items():
+    with np.load(path) as z:
+      sample, label, score = z["sample"], z["label"], z["score"]
+    result = history.load(workdir / "retrieval" / f"{split}.npz")
+    p = np.clip(score.astype(np.float64), EPS, 1 - EPS)
+    loaded[split] = (features(dataset, result, split, sample, like_rate), np.log(p / (1 - p)),
+                     label, {"target": dataset.splits[split].target[sample],
+                             "user": dataset.splits[split].user[sample]})
+  weights = fit_linear(*loaded[fit_split][:2])
+  return [dict(split=split, fit_split=fit_split, checkpoint=checkpoint,
+               **decompose(weights, *loaded[split])) for split in splits]
+
+
+def _states_like_rate(workdir):
+  """Whether the workdir's prompts state the target's like-rate (its finetune.item_stats)."""
+  config = json.loads((workdir / "config.json").read_text())
+  return bool(config.get("finetune", {}).get("item_stats", False))
