@@ -1,10 +1,10 @@
-"""The linear reading of an LLM's logit (rallrec_jax.eval.reading) against sklearn and numpy."""
+"""The linear reading of an LLM's logit (rallrec_jax.benchmarks.reading) against sklearn and numpy."""
 import numpy as np
 import pytest
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import roc_auc_score
 
-from rallrec_jax.eval import reading
+from rallrec_jax.benchmarks import reading
 
 
 def _planted(rng, n=600, groups=30):

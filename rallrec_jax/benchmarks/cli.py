@@ -253,7 +253,7 @@ def main(argv=None):
                                         "description" if args.descriptions else "template")
     _emit(bench_quality.bench_retrieval_quality(args.workdir, cfg))
   elif args.bench == "linear-reading":
-    from rallrec_jax.eval import reading
+    from rallrec_jax.benchmarks import reading
     _emit([dict(bench="linear_reading", **row)
            for row in reading.read(args.workdir, args.checkpoint, args.fit_split)])
   elif args.bench == "prefix-score":

@@ -8,13 +8,12 @@ adds anything to a linear reading of its prompt or only noise; the share of the 
 that lies between target items and between users says where that rest comes from (chance is
 about groups / rows).
 """
-import json
 from pathlib import Path
 
 import numpy as np
 
-from rallrec_jax import data
-from rallrec_jax.eval import metrics
+from rallrec_jax import data, report
+from rallrec_jax.eval import metrics, results
 from rallrec_jax.prompts import item_stats, render
 from rallrec_jax.retrieval import history
 
@@ -65,32 +64,26 @@ def decompose(weights, x, logit, label, groups):
 
 
 def read(workdir, checkpoint="best", fit_split="valid", splits=("valid", "test")):
-  """One dict per split of `decompose` for the workdir's `eval/{checkpoint}/` predictions, the
-  linear part fitted on `fit_split`."""
+  """One dict per split of `decompose` for the workdir's predictions of `checkpoint` (as
+  eval.checkpoint: best, latest, a step, ...), the linear part fitted on `fit_split`."""
   workdir = Path(workdir)
-  paths = {split: workdir / "eval" / checkpoint / f"{split}_predictions.npz"
-           for split in dict.fromkeys((fit_split, *splits))}
-  for split, path in paths.items():
+  folder = results.results_dir(workdir, checkpoint)
+  names = tuple(dict.fromkeys((fit_split, *splits)))
+  for split in names:
+    path = folder / f"{split}_predictions.npz"
     if not path.is_file():
       raise FileNotFoundError(f"{path}: no predictions; run the evaluate stage with "
                               f"eval.checkpoint={checkpoint} and {split} in eval.splits")
   dataset = data.load_dataset(workdir)
-  like_rate = _states_like_rate(workdir)
   loaded = {}
-  for split, path in paths.items():
-    with np.load(path) as z:
-      sample, label, score = z["sample"], z["label"], z["score"]
+  for split in names:
+    run = report.load_run(workdir, split, checkpoint)
     result = history.load(workdir / "retrieval" / f"{split}.npz")
-    p = np.clip(score.astype(np.float64), EPS, 1 - EPS)
-    loaded[split] = (features(dataset, result, split, sample, like_rate), np.log(p / (1 - p)),
-                     label, {"target": dataset.splits[split].target[sample],
-                             "user": dataset.splits[split].user[sample]})
+    p = np.clip(run.score, EPS, 1 - EPS)
+    like_rate = bool(run.config.get("finetune.item_stats", False))
+    loaded[split] = (features(dataset, result, split, run.sample, like_rate), np.log(p / (1 - p)),
+                     run.label, {"target": dataset.splits[split].target[run.sample],
+                                 "user": dataset.splits[split].user[run.sample]})
   weights = fit_linear(*loaded[fit_split][:2])
   return [dict(split=split, fit_split=fit_split, checkpoint=checkpoint,
                **decompose(weights, *loaded[split])) for split in splits]
-
-
-def _states_like_rate(workdir):
-  """Whether the workdir's prompts state the target's like-rate (its finetune.item_stats)."""
-  config = json.loads((workdir / "config.json").read_text())
-  return bool(config.get("finetune", {}).get("item_stats", False))
