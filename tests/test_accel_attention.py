@@ -33,7 +33,7 @@ def _batch(length=128):
 
 @pytest.fixture(scope="module")
 def params():
-  return nn.meta.unbox(Decoder(CFG).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+  return nn.meta.unbox(jax.jit(Decoder(CFG).init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
 
 
 def _rel(a, b):

@@ -157,7 +157,7 @@ def _both_layouts(remat="none"):
   """(unrolled cfg, its params, scanned cfg, the same params stacked) of a 6-layer decoder."""
   unrolled = dataclasses.replace(DEEP, remat=remat)
   ids = jnp.zeros((1, 4), jnp.int32)
-  params = nn.meta.unbox(Decoder(unrolled).init(jax.random.key(0), ids)["params"])
+  params = nn.meta.unbox(jax.jit(Decoder(unrolled).init)(jax.random.key(0), ids)["params"])
   params = jax.tree.map(lambda p: p * 5.0, params)  # large enough for a real comparison
   return unrolled, params, dataclasses.replace(unrolled, scan_layers="true"), stack_layers(params)
 
@@ -175,14 +175,18 @@ def test_scanned_layers_equal_unrolled(remat):
   assert tuple(abstract.names) == ("layers", "embed", "mlp")
   ids, mask = (jnp.asarray(a, jnp.int32) for a in random_batch(64, batch=3, length=10))
 
-  def loss(cfg, p):
-    return jnp.mean(Decoder(cfg).apply({"params": p}, ids, mask) ** 2)
+  def apply(cfg, p):
+    return Decoder(cfg).apply({"params": p}, ids, mask)
 
-  ref = Decoder(unrolled).apply({"params": params}, ids, mask)
+  def loss(cfg, p):
+    return jnp.mean(apply(cfg, p) ** 2)
+
+  # Jitted: op-by-op dispatch of a 6-layer forward and backward compiles each op on its own.
+  ref = jax.jit(functools.partial(apply, unrolled))(params)
   assert float(jnp.abs(ref).max()) > 1.0
-  _close(Decoder(scanned).apply({"params": stacked}, ids, mask), ref, 1e-5)
-  want = stack_layers(jax.grad(functools.partial(loss, unrolled))(params))
-  _close(jax.grad(functools.partial(loss, scanned))(stacked), want, 1e-4)
+  _close(jax.jit(functools.partial(apply, scanned))(stacked), ref, 1e-5)
+  want = stack_layers(jax.jit(jax.grad(functools.partial(loss, unrolled)))(params))
+  _close(jax.jit(jax.grad(functools.partial(loss, scanned)))(stacked), want, 1e-4)
 
 
 def test_scanned_lora_and_cache_equal_unrolled():
@@ -200,9 +204,9 @@ def test_scanned_lora_and_cache_equal_unrolled():
     out = lora.apply(cfg, p, a, lora_cfg, ids, mask, dropout_rng=jax.random.key(7))
     return jnp.mean(out ** 2)
 
-  value, grads = jax.value_and_grad(functools.partial(loss, unrolled), argnums=1)(
+  value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, unrolled), argnums=1))(
       params, adapters)
-  got, got_grads = jax.value_and_grad(functools.partial(loss, scanned), argnums=1)(
+  got, got_grads = jax.jit(jax.value_and_grad(functools.partial(loss, scanned), argnums=1))(
       stacked, stack_layers(adapters))
   _close(got, value, 1e-5)  # the same dropout masks in both layouts
   _close(got_grads, stack_layers(grads), 1e-4)
@@ -216,8 +220,8 @@ def test_scanned_lora_and_cache_equal_unrolled():
                                        method=Decoder.hidden)
     return hidden, cache
 
-  hidden, cache = cached(unrolled, params)
-  got_hidden, got_cache = cached(scanned, stacked)
+  hidden, cache = jax.jit(functools.partial(cached, unrolled))(params)
+  got_hidden, got_cache = jax.jit(functools.partial(cached, scanned))(stacked)
   assert got_cache["k"].shape == (6, 3, 16, 2, 8)
   _close(got_hidden, hidden, 1e-5)
   _close(got_cache, jax.tree.map(lambda *c: jnp.stack(c), *cache), 1e-5)
