@@ -204,6 +204,7 @@ def test_help_lists_the_stages_and_what_they_write():
   assert "writes data/" in " ".join(out.stdout.split())
 
 
+@pytest.mark.slow  # six CLI processes, about 40 s; tests/test_config.py checks the messages in-process
 def test_cli_runs_and_reports_config_mistakes(tmp_path, folder):
   ok = _cli("--config", f"configs/ml1m.py:path={folder}", "--workdir", str(tmp_path / "w"),
             "--stages", "prepare")

@@ -55,7 +55,7 @@ PLACEHOLDERS = {
 # Literal commands the test does not run, each with the reason.
 EXCLUDED = {
     "python3 -m venv .venv && .venv/bin/pip install -q -r requirements-test.txt -e . && "
-    ".venv/bin/python -m pytest -q":
+    ".venv/bin/python -m pytest -q -n 2":
         "installs the test requirements and runs the whole default suite (about 10 minutes)",
     "python -m rallrec_jax.bench llm": "needs SmolLM2-135M downloaded, and PyTorch",
     "python -m rallrec_jax.bench llm-accel": "a ~1B model for a GPU or TPU",

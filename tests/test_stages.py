@@ -149,6 +149,7 @@ def check_records_of_both(cfg, zero, workdir, best_files, test):
     assert pipeline._is_current(stage, workdir, manifest, expected) is current
 
 
+@pytest.mark.slow  # about 30 s; tests/test_train_loop.py covers resume in the default suite
 def test_preempted_finetune_resumes_to_the_same_run(run, tmp_path, monkeypatch):
   cfg, workdir, _ = run
   pipeline.run(cfg, workdir, stages=STAGES + ["finetune"])
