@@ -1,7 +1,11 @@
 """Tiny Hugging Face models and a tiny tokenizer, built offline, for the LLM tests."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rallrec_jax.llm import tiny
+from rallrec_jax.llm.model import Decoder
 
 WORDS = ("Yes No . , ? the a user will like movie book item rating stars watched read is of and "
          "to in it this that Paris France capital The").split()
@@ -40,6 +44,13 @@ def tiny_hf_model(folder, kind="llama", seed=0, scale=0.2, with_tokenizer=True, 
   if with_tokenizer:
     tiny_tokenizer(folder)
   return model
+
+
+def init_params(cfg, seed=0):
+  """Fresh params of our decoder for `cfg`, initialised under jit (op by op, every op of the
+  init compiles on its own: tens of seconds for a few layers on a CPU)."""
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return nn.meta.unbox(jax.jit(Decoder(cfg).init)(jax.random.key(seed), ids)["params"])
 
 
 def random_batch(vocab_size, batch=3, length=12, seed=0, pad_right=(0, 4, 7)):

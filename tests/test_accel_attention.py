@@ -4,7 +4,6 @@
 """
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 from rallrec_jax.llm import lora, losses, score
 from rallrec_jax.llm.config import LMConfig
 from rallrec_jax.llm.model import Decoder
+from tests.llm_fixtures import init_params
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
                                 reason="cuDNN attention needs an NVIDIA GPU")
@@ -33,7 +33,7 @@ def _batch(length=128):
 
 @pytest.fixture(scope="module")
 def params():
-  return nn.meta.unbox(jax.jit(Decoder(CFG).init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+  return init_params(CFG)
 
 
 def _rel(a, b):

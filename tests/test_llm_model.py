@@ -3,7 +3,6 @@ scanned layers against unrolled ones."""
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +13,7 @@ from rallrec_jax import parallel
 from rallrec_jax.llm import LMConfig, load_pretrained
 from rallrec_jax.llm import generate, hf_io, lora, matmul, tiny
 from rallrec_jax.llm.model import Decoder, abstract_params, stack_layers
-from tests.llm_fixtures import random_batch, tiny_hf_model
+from tests.llm_fixtures import init_params, random_batch, tiny_hf_model
 
 torch = pytest.importorskip("torch")
 
@@ -157,9 +156,7 @@ def _both_layouts(remat="none"):
   """(unrolled cfg, its params, scanned cfg, the same params stacked) of a 3-layer decoder:
   deep enough for a scan over layers, shallow enough to compile the unrolled twin quickly."""
   unrolled = dataclasses.replace(DEEP, num_layers=3, remat=remat)
-  ids = jnp.zeros((1, 4), jnp.int32)
-  params = nn.meta.unbox(jax.jit(Decoder(unrolled).init)(jax.random.key(0), ids)["params"])
-  params = jax.tree.map(lambda p: p * 5.0, params)  # large enough for a real comparison
+  params = jax.tree.map(lambda p: p * 5.0, init_params(unrolled))  # large enough for a real comparison
   return unrolled, params, dataclasses.replace(unrolled, scan_layers="true"), stack_layers(params)
 
 
@@ -182,7 +179,7 @@ def test_scanned_layers_equal_unrolled(remat):
   def loss(cfg, p):
     return jnp.mean(apply(cfg, p) ** 2)
 
-  # Jitted: op-by-op dispatch of a 6-layer forward and backward compiles each op on its own.
+  # Jitted: op by op, a forward and backward compiles each op on its own.
   ref = jax.jit(functools.partial(apply, unrolled))(params)
   assert float(jnp.abs(ref).max()) > 1.0
   _close(jax.jit(functools.partial(apply, scanned))(stacked), ref, 1e-5)
