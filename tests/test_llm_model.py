@@ -225,6 +225,42 @@ def test_scanned_lora_and_cache_equal_unrolled():
   _close(got_cache, jax.tree.map(lambda *c: jnp.stack(c), *cache), 1e-5)
 
 
+@pytest.mark.parametrize("layers", [None, 1, 2])
+def test_last_only_equals_the_last_position_of_the_whole_forward(layers):
+  """The last layer computed for the last position alone gives that position's hidden state
+  and gradients, in both layouts, with full weights trained or LoRA on the top layer(s)."""
+  unrolled, params, scanned, stacked = _both_layouts()
+  ids, mask = (jnp.asarray(a, jnp.int32) for a in random_batch(64, batch=3, length=10))
+  mask = mask[:, ::-1]  # left-padded, as scored and trained
+  lora_cfg = layers and lora.LoraConfig(rank=4, dropout=0.0, layers=layers,
+                                        targets=("q_proj", "v_proj", "down_proj"))
+
+  def last_hidden(cfg, base, trained, last_only):
+    kwargs = dict(method=Decoder.hidden, last_only=last_only)
+    if lora_cfg:
+      hidden, _ = lora.apply(cfg, base, trained, lora_cfg, ids, mask, **kwargs)
+    else:
+      hidden, _ = Decoder(cfg).apply({"params": trained}, ids, mask, **kwargs)
+    return hidden[:, -1]
+
+  adapters = lora_cfg and jax.tree.map(lambda a: a + 0.1,
+                                       lora.init(jax.random.key(1), unrolled, lora_cfg))
+  for cfg, base, trained in ((unrolled, params, adapters or params),
+                             (scanned, stacked, stack_layers(adapters or params))):
+    got, want = (jax.jit(jax.value_and_grad(
+        lambda w, last_only=last_only: jnp.sum(jnp.sin(last_hidden(cfg, base, w, last_only))),
+        has_aux=False))(trained) for last_only in (True, False))
+    hidden, want_hidden = (jax.jit(functools.partial(last_hidden, cfg, base, last_only=flag))(
+        trained) for flag in (True, False))
+    assert float(jnp.abs(want_hidden).max()) > 0.5
+    _close(hidden, want_hidden, 1e-5)
+    _close(got[0], want[0], 1e-5)
+    _close(got[1], want[1], 1e-4)
+  with pytest.raises(ValueError, match="last_only"):
+    Decoder(unrolled).apply({"params": params}, ids, mask, method=Decoder.hidden, last_only=True,
+                            cache=generate.init_cache(unrolled, 3, 16))
+
+
 def test_16_bit_matmul_runs_every_dot_on_16_bit_inputs_with_float32_accumulation():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(64, 48)), jnp.bfloat16)

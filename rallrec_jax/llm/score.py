@@ -48,7 +48,8 @@ def yes_no_logits(cfg, params, input_ids, attention_mask, yes_id, no_id, adapter
   With `adapters` (of `lora_cfg`) the LoRA deltas join the base `params` (no dropout). Kept
   apart from `p_yes` because a calibrated log-loss needs the logits, not the probability.
   """
-  hidden, _ = final_hidden(cfg, params, adapters, lora_cfg, input_ids, attention_mask)
+  hidden, _ = final_hidden(cfg, params, adapters, lora_cfg, input_ids, attention_mask,
+                          last_only=True)
   return answer_logits(cfg, params, hidden[:, -1], yes_id, no_id)
 
 

@@ -77,12 +77,14 @@ def make_train_step(cfg, lora_cfg, optimizer, loss="lm", answer_ids=None):
   answer = None if answer_ids is None else jnp.asarray(answer_ids, jnp.int32)
   model = Decoder(cfg)
 
-  def forward(weights, params, batch, dropout_rng, method=Decoder.hidden):
+  def forward(weights, params, batch, dropout_rng):
+    # The answer loss reads the last position of prompt-only rows alone: the last layer
+    # computes only that position.
     args = (batch["input_ids"], batch["attention_mask"])
+    kwargs = {"method": Decoder.hidden, "last_only": loss == "answer"}
     if lora_cfg is None:
-      return model.apply({"params": weights}, *args, method=method)
-    return lora.apply(cfg, params, weights, lora_cfg, *args, method=method,
-                      dropout_rng=dropout_rng)
+      return model.apply({"params": weights}, *args, **kwargs)
+    return lora.apply(cfg, params, weights, lora_cfg, *args, dropout_rng=dropout_rng, **kwargs)
 
   def loss_fn(weights, params, batch, dropout_rng):
     hidden, _ = forward(weights, params, batch, dropout_rng)
@@ -90,8 +92,11 @@ def make_train_step(cfg, lora_cfg, optimizer, loss="lm", answer_ids=None):
     metrics = {}
     if answer is not None:
       rows = model.apply({"params": head_params}, answer, method=Decoder.answer_rows)
-      at = losses.decision_position(batch["loss_mask"])
-      hidden_at = jnp.take_along_axis(hidden, at[:, None, None], axis=1)[:, 0]
+      if loss == "answer":
+        hidden_at = hidden[:, -1]
+      else:
+        at = losses.decision_position(batch["loss_mask"])
+        hidden_at = jnp.take_along_axis(hidden, at[:, None, None], axis=1)[:, 0]
       metrics["answer_loss"] = losses.answer_loss(hidden_at, rows, batch["label"])
     if loss == "answer":
       return metrics["answer_loss"], metrics
