@@ -41,6 +41,9 @@ def get_config(arg=None):
   # Seed 1 of the random weights (and so of the token vectors `embed` reads) was the better of
   # two on validation; the two differ by about 0.02 AUC (README, the quickstart's recipe).
   c.model.tiny.update(dict(num_heads=2, num_kv_heads=1, seed=1))
+  # The like-rate's number tokens on one line of the embedding, kept there in training: nearby
+  # rates read alike instead of as 90 unrelated words (README, the quickstart's recipe).
+  c.model.tiny.number_line = (11, 100)
   # The target is named with its earlier raters' like-rate (finetune.item_stats, an extension
   # of the paper's prompt): 42 prompts per item are too few for the decoder to learn each
   # item's quality from its title. `--config.finetune.item_stats=false` gives the paper's prompt;

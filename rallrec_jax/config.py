@@ -88,9 +88,11 @@ def base_config():
   m.rules = ml_collections.ConfigDict(
       {logical: ",".join(axes) if isinstance(axes, tuple) else axes or ""
        for logical, axes in parallel.DEFAULT_RULES})
+  # number_line (low, high): the number tokens low..high embedded on one line, placed there at
+  # init and kept there by full fine-tuning (`rallrec_jax.llm.number_line`); () for free rows.
   m.tiny = ml_collections.ConfigDict(dict(
       hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=0,
-      init_std=0.02))
+      init_std=0.02, number_line=()))
 
   c.describe = ml_collections.ConfigDict(dict(
       batch_size=16, max_new_tokens=128, temperature=0.8, top_p=0.9, max_words=80, seed=0))
@@ -427,6 +429,10 @@ def _validate_model(m):
            f"{m.path} is not a Hugging Face model folder (no config.json); leave it empty for "
            f"the tiny random model")
   _check(m.tiny.init_std > 0, "model.tiny.init_std", f"must be > 0, got {m.tiny.init_std!r}")
+  line = tuple(m.tiny.number_line)
+  _check(not line or (len(line) == 2 and all(isinstance(n, int) for n in line)
+                      and 0 <= line[0] < line[1]), "model.tiny.number_line",
+         f"must be () or (low, high) with 0 <= low < high, got {line!r}")
   _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} is not one of {DTYPES}")
   _check(m.param_dtype in DTYPES + ("",), "model.param_dtype",
          f"{m.param_dtype!r} is not one of {DTYPES} or ''")

@@ -45,7 +45,8 @@ def _tiny_model_folder(cfg, workdir, dataset):
     t = cfg.model.tiny
     tiny.build(tmp, texts, hidden_size=t.hidden_size, num_layers=t.num_layers,
                num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
-               intermediate_size=t.intermediate_size, seed=t.seed, init_std=t.init_std)
+               intermediate_size=t.intermediate_size, seed=t.seed, init_std=t.init_std,
+               number_line=tuple(t.number_line))
     (tmp / "key").write_text(key)
   return folder
 

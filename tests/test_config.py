@@ -98,6 +98,8 @@ def test_overrides_set_leaves_and_reject_unknown_keys():
      "model.rules: 'embed' and 'mlp' both map to mesh axis 'fsdp'"),
     ("model.rules.heads", "model", "model.rules: heads='model': a comma-separated list"),
     ("model.rules.mlp", "tensor,tensor", "model.rules: mlp='tensor,tensor'"),
+    ("model.tiny.number_line", (100, 11), "model.tiny.number_line: must be .* 0 <= low < high"),
+    ("model.tiny.number_line", (11,), "model.tiny.number_line"),
     ("embed.source", "title", "embed.source"),
     ("embed.pool", "last", "embed.pool: 'last' is not one of"),
     ("mix.variant", "mix4", "mix.variant"),

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rallrec_jax.llm import hf_io
+from rallrec_jax.llm import hf_io, number_line as number_line_lib
 from rallrec_jax.llm.config import LMConfig
 from rallrec_jax.llm.model import INIT_STD, Decoder
 
@@ -55,12 +55,14 @@ def word_tokenizer(folder, words):
 
 
 def build(folder, texts=(), *, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-          intermediate_size=128, seed=0, max_words=4000, init_std=INIT_STD):
+          intermediate_size=128, seed=0, max_words=4000, init_std=INIT_STD, number_line=()):
   """Write a random tiny Llama and a tokenizer over the words of `texts` to `folder`.
 
   Every kernel and the embedding are drawn from N(0, init_std^2) (norm weights are ones): at
   hidden size 64 the default (INIT_STD, 0.02) leaves attention almost uniform, and a larger
   scale (about 1/sqrt(hidden_size)) lets a model this small learn in a few hundred updates.
+  `number_line` (low, high) puts the embedding rows of the number tokens low..high on the line
+  between the rows of the first and the last (`rallrec_jax.llm.number_line`).
   """
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
@@ -78,5 +80,9 @@ def build(folder, texts=(), *, hidden_size=64, num_layers=2, num_heads=4, num_kv
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * (init_std / INIT_STD),
       params["params"])
+  if number_line:
+    ids, positions = number_line_lib.tokens(tok, *number_line)
+    params["embed_tokens"]["embedding"] = jnp.asarray(number_line_lib.place(
+        params["embed_tokens"]["embedding"], ids, positions))
   hf_io.export(params, cfg, folder)
   return folder

@@ -14,7 +14,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rallrec_jax import parallel
-from rallrec_jax.llm import flops, lora
+from rallrec_jax.llm import flops, lora, number_line as number_line_lib
 from rallrec_jax.train import checkpoint, layout as layout_lib, loop, step as step_lib
 
 
@@ -27,20 +27,23 @@ def schedule(lr, steps, warmup=0):
 
 
 def make_optimizer(lr, steps, *, weight_decay=0.0, warmup=0, clip_norm=0.0, b1=0.9, b2=0.999,
-                   eps=1e-8):
-  """AdamW on `schedule`, after clipping the gradient's global norm to `clip_norm` (0: none)."""
-  adamw = optax.adamw(schedule(lr, steps, warmup), b1=b1, b2=b2, eps=eps,
-                      weight_decay=weight_decay)
-  if clip_norm <= 0:
-    return adamw
-  return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+                   eps=1e-8, number_line=None):
+  """AdamW on `schedule`, after clipping the gradient's global norm to `clip_norm` (0: none);
+  `number_line` (token ids, positions) keeps those embedding rows on their line."""
+  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+  parts.append(optax.adamw(schedule(lr, steps, warmup), b1=b1, b2=b2, eps=eps,
+                           weight_decay=weight_decay))
+  if number_line:
+    parts.append(number_line_lib.keep_on_line(*number_line))
+  return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 
 @functools.lru_cache(maxsize=8)
 def _trainer(cfg, lora_cfg, steps, lr, weight_decay, grad_accum, warmup=0, loss="lm",
-             answer_ids=None, clip_norm=0.0):
+             answer_ids=None, clip_norm=0.0, number_line=None):
   """(optimizer, jitted step), cached so repeated runs of one setup compile once."""
-  inner = make_optimizer(lr, steps, weight_decay=weight_decay, warmup=warmup, clip_norm=clip_norm)
+  inner = make_optimizer(lr, steps, weight_decay=weight_decay, warmup=warmup, clip_norm=clip_norm,
+                         number_line=number_line)
   optimizer = optax.MultiSteps(inner, every_k_schedule=grad_accum)
   return optimizer, step_lib.make_train_step(cfg, lora_cfg, optimizer, loss, answer_ids)
 
@@ -137,7 +140,8 @@ def _groups(batches, size):
 
 def fit(lm, lora_cfg, train_batches_fn, *, steps, lr=5e-4, weight_decay=0.0, grad_accum=1,
         warmup=0, clip_norm=0.0, loss="lm", answer_ids=None, checkpoint_dir, save_every,
-        eval_fn=None, eval_every=None, patience=None, metrics_path=None, seed=0, progress=True):
+        eval_fn=None, eval_every=None, patience=None, metrics_path=None, seed=0, progress=True,
+        number_line=None):
   """Fine-tune `lm` for `steps` optimizer updates; returns a summary dict.
 
   `lora_cfg` is a LoraConfig (adapters) or None (every weight). `train_batches_fn(position)`
@@ -147,11 +151,17 @@ def fit(lm, lora_cfg, train_batches_fn, *, steps, lr=5e-4, weight_decay=0.0, gra
   update's (accumulated) gradient to that global norm. `loss` and `answer_ids` are those
   of `step.make_train_step`. `eval_fn(weights)` returns a dict with "auc"; the best step is kept
   and, with `patience`, training stops after that many evaluations without improvement.
-  SIGTERM saves a checkpoint and raises `Preempted`.
+  SIGTERM saves a checkpoint and raises `Preempted`. `number_line` (token ids, positions in
+  [0, 1]) keeps those embedding rows on one line (`rallrec_jax.llm.number_line`; full
+  fine-tuning only, the embedding being frozen under LoRA).
   """
   answer_ids = None if answer_ids is None else tuple(int(i) for i in answer_ids)
+  if number_line is not None:
+    if lora_cfg is not None:
+      raise ValueError("number_line keeps embedding rows on a line: it needs full fine-tuning")
+    number_line = tuple(tuple(np.asarray(a).tolist()) for a in number_line)
   optimizer, step_fn = _trainer(lm.cfg, lora_cfg, steps, lr, weight_decay, grad_accum, warmup,
-                                loss, answer_ids, float(clip_norm))
+                                loss, answer_ids, float(clip_norm), number_line)
   lr_at = schedule(lr, steps, warmup)
   # Matmul FLOPs only (the attention term depends on each batch's length): a lower bound.
   per_token = (flops.full_train_flops_per_token if lora_cfg is None

@@ -15,6 +15,7 @@ from rallrec_jax import config as config_lib
 from rallrec_jax import data, distributed, stage, workdir_model
 from rallrec_jax.eval import evaluate
 from rallrec_jax.eval.weights import lora_config, restore_checkpoint, scoring_weights
+from rallrec_jax.llm import number_line
 from rallrec_jax.prompts import render
 from rallrec_jax.retrieval import history
 from rallrec_jax.stage import Stage
@@ -75,6 +76,15 @@ def eval_examples(cfg, workdir, dataset, lm, split, limit, which):
                         **render.wording(cfg.finetune))
 
 
+def trained_number_line(cfg, lm, lora_cfg):
+  """(token ids, positions) of the tiny decoder's number line, kept by full fine-tuning; None
+  for a model from model.path, without `model.tiny.number_line`, or under LoRA."""
+  line = tuple(cfg.model.tiny.number_line)
+  if cfg.model.path or not line or lora_cfg is not None:
+    return None
+  return number_line.tokens(lm.tokenizer, *line)
+
+
 def finetune(cfg, workdir):
   """checkpoints/: LoRA instruction tuning on the training set of finetune.variant, selected
   and early-stopped on the validation AUC; resumes from the latest checkpoint."""
@@ -125,7 +135,8 @@ def finetune(cfg, workdir):
       clip_norm=f.clip_norm, loss=f.loss, answer_ids=(yes, no),
       checkpoint_dir=workdir / "checkpoints", save_every=f.eval_every or updates_per_epoch,
       eval_fn=eval_fn, eval_every=f.eval_every or updates_per_epoch, patience=f.patience,
-      seed=f.seed, progress=primary, metrics_path=workdir / "metrics.jsonl" if primary else None)
+      seed=f.seed, progress=primary, metrics_path=workdir / "metrics.jsonl" if primary else None,
+      number_line=trained_number_line(cfg, lm, lora_cfg))
   summary = {k: v for k, v in summary.items() if k != "weights"}
   if primary:
     stage.save_json(workdir / "finetune.json", {**summary, "examples": len(examples["label"]),
