@@ -131,13 +131,15 @@ def base_config():
   # `unrated` negatives it is what lets P(yes) rank recommendation candidates.
   # `unrated`: add this many unrated negatives per training prompt (an item the user never
   # rated, answered "No"; rallrec_jax/train/unrated.py), so that P(yes) can rank candidates.
+  # `mark_close` > 0: mark each listed item whose mixed vector's cosine to the target's exceeds
+  # it with a "*" after its title (the retrieval's judgement of closeness, stated; 0: none).
   c.finetune = ml_collections.ConfigDict(dict(
       variant="rerank", pool_size=8192, mixed_size=1024, unrated=0.0, max_length=1024,
       batch_size=8, grad_accum=32, lr=5e-4, weight_decay=0.0, warmup=0, clip_norm=0.0,
       epochs=20, eval_every=0, eval_samples=1000, eval_rows="first", patience=5, seed=42,
       method="lora", loss="answer",
       item_stats=False, user_stats=False, user_lifetime_stats=False, genres=False,
-      item_popularity=False,
+      item_popularity=False, mark_close=0.0,
       lora=ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.05,
                                           targets=("q_proj", "v_proj"), layers=0))))
   # Rows scored when a split is capped (finetune.eval_rows for model selection, eval.rows for
@@ -322,6 +324,9 @@ def validate(cfg):
          f"must be a non-negative integer (0: every validation sample), got "
          f"{cfg.finetune.eval_samples!r}")
   _check(cfg.finetune.lr > 0, "finetune.lr", f"must be > 0, got {cfg.finetune.lr!r}")
+  _check(0.0 <= cfg.finetune.mark_close < 1.0, "finetune.mark_close",
+         f"must lie in [0, 1) (a cosine threshold; 0 marks nothing), got "
+         f"{cfg.finetune.mark_close!r}")
   _check(0.0 <= cfg.finetune.unrated <= 1.0, "finetune.unrated",
          f"must lie in [0, 1] (unrated negatives per training prompt), got "
          f"{cfg.finetune.unrated!r}")

@@ -10,7 +10,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from rallrec_jax import config as config_lib
 from rallrec_jax import data
 from rallrec_jax.eval import baselines
-from rallrec_jax.prompts import item_stats, user_lifetime
+from rallrec_jax.prompts import item_stats, render, user_lifetime
 
 K = 6
 FIT = 300
@@ -268,4 +268,33 @@ def test_popularity_baseline_reads_the_level_the_prompt_states(dataset):
   target = dataset.splits["test"].target[result["sample"]]
   expected = [sum(likes[t] >= e for e in edges) for t in target]
   np.testing.assert_array_equal(got["item_popularity_level"], expected)
+  assert fitted.extra_model[0].n_features_in_ == 4
+
+
+def test_close_baseline_reads_the_shown_items_the_prompt_marks(dataset):
+  train_result = random_retrieval(dataset, "train", seed=0)
+  with pytest.raises(ValueError, match="close option"):
+    baselines.fit(dataset, train_result, extra=("mark_close",))
+  vectors = np.random.default_rng(4).normal(size=(dataset.num_items, 8))
+  close = render.close_option({"mark_close": 0.2}, vectors)
+  fitted = baselines.fit(dataset, train_result, fit_samples=FIT, seed=3, extra=("mark_close",),
+                         close=close)
+  result = random_retrieval(dataset, "test", seed=1)
+  samples = np.arange(len(result["sample"]))
+  got = baselines.scores(fitted, dataset, "test", result, samples)
+  assert sorted(got) == sorted(baselines.names(("mark_close",)))
+  unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+  t, split = dataset.timelines, dataset.splits["test"]
+  expected = []
+  for r in samples:
+    i = result["sample"][r]
+    first = t.offsets[split.user[i]]
+    ratings = []
+    for item in result["history"][r].tolist():
+      if item >= 0 and float(unit[item] @ unit[split.target[i]]) > 0.2:
+        rows = [row for row in range(first, first + split.pos[i]) if t.item[row] == item]
+        ratings.append(float(t.rating[rows[-1]]))
+    expected.append(np.mean(ratings) if ratings else dataset.splits["train"].rating.mean())
+  np.testing.assert_allclose(got["user_close_mean_rating"], expected, rtol=1e-12)
+  assert len(set(expected)) > 2
   assert fitted.extra_model[0].n_features_in_ == 4

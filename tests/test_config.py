@@ -111,6 +111,7 @@ def test_overrides_set_leaves_and_reject_unknown_keys():
     ("finetune.loss", "mse", "finetune.loss: 'mse' is not one of"),
     ("finetune.method", "prefix", "finetune.method: 'prefix' is not one of"),
     ("finetune.warmup", -1, "finetune.warmup: must be a non-negative integer"),
+    ("finetune.mark_close", 1.0, "finetune.mark_close: must lie in \\[0, 1\\)"),
     ("finetune.clip_norm", -1.0, "finetune.clip_norm: must be a number >= 0"),
     ("finetune.eval_samples", -1, "finetune.eval_samples: must be a non-negative integer"),
     ("finetune.lora.targets", ("q_proj", "wq"), "finetune.lora.targets: .*a non-empty set"),

@@ -298,3 +298,28 @@ def test_genres_name_every_item_with_its_genres(tiny_tok):
                                "Charlie (G0)", "ml1m")
   np.testing.assert_array_equal(out["input_ids"][0],
                                 render.encode(tiny_tok, user0, "Yes.")["input_ids"])
+
+
+def test_close_marks_follow_the_titles_of_the_items_near_the_target(tiny_tok):
+  ds = _dataset()
+  rng = np.random.default_rng(0)
+  vectors = rng.normal(size=(5, 4))
+  assert render.close_option({"mark_close": 0.0}, vectors) is None
+  assert render.close_option({}, vectors) is None
+  close = render.close_option({"mark_close": 0.1}, vectors)
+  unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+  result = _result()
+  marks = render.close_marks(close, result["history"], result["target"])
+  expected = [[item >= 0 and float(unit[item] @ unit[t]) > 0.1 for item in row]
+              for row, t in zip(result["history"].tolist(), result["target"].tolist())]
+  np.testing.assert_array_equal(marks, expected)
+  assert 0 < marks.sum() < (result["history"] >= 0).sum()  # some marked, some not
+  out = render.build_examples(ds, result, tiny_tok, split="train", order="high", close=close)
+  titles = [[("Bravo", 1), ("Alpha", 5)], [("Echo", 5), ("Charlie", 3), ("Alpha", 1)]]
+  for i, (user, target, answer) in enumerate([(0, "Charlie", "Yes."), (1, "Echo", "No.")]):
+    shown = [(title + (" *" if marks[i][j] else ""), rating)
+             for j, (title, rating) in enumerate(titles[i])]
+    text = render.render_prompt(ds.users[user], shown, target, "ml1m")
+    np.testing.assert_array_equal(out["input_ids"][i],
+                                  render.encode(tiny_tok, text, answer)["input_ids"])
+  assert tiny_tok.convert_tokens_to_ids("*") != tiny_tok.unk_token_id

@@ -54,3 +54,18 @@ def test_between_share_matches_a_loop_over_groups():
 def test_a_workdir_without_predictions_names_the_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"eval/best/valid_predictions\.npz"):
     reading.read(tmp_path)
+
+
+def test_features_add_the_close_marks_and_the_marked_ratings_when_the_prompt_marks():
+  from rallrec_jax.prompts import render  # pylint: disable=import-outside-toplevel
+  from tests.test_prompts import _dataset, _result  # pylint: disable=import-outside-toplevel
+  ds, result = _dataset(), _result()
+  samples = np.arange(2)
+  plain = reading.features(ds, result, "train", samples, like_rate=False)
+  np.testing.assert_array_equal(plain, [[1, 5, 0, 1, 1, 0], [5, 3, 1, 1, 1, 1]])
+  close = render.close_option({"mark_close": 0.1}, np.random.default_rng(0).normal(size=(5, 4)))
+  marks = render.close_marks(close, result["history"], result["target"])
+  got = reading.features(ds, result, "train", samples, like_rate=False, close=close)
+  np.testing.assert_array_equal(got[:, :6], plain)
+  np.testing.assert_array_equal(got[:, 6:9], marks)
+  np.testing.assert_array_equal(got[:, 9:], plain[:, :3] * marks)

@@ -290,3 +290,30 @@ def test_export_of_a_lora_fine_tune_loads_in_peft_and_transformers(run, tmp_path
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
   cfg.export.checkpoint = "latest"
   assert pipeline.run(cfg, copy, stages=["export"]) == {"export": "ran"}
+
+
+def test_close_marks_reach_the_prompts_and_the_baselines(run, tmp_path):
+  """finetune.mark_close marks the listed items near the target in the prompts the stages score
+  and adds the marked items' mean rating to the evaluate stage's baselines."""
+  from rallrec_jax.llm import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  from rallrec_jax.prompts import render  # pylint: disable=import-outside-toplevel
+  from rallrec_jax.retrieval import history  # pylint: disable=import-outside-toplevel
+  _, source, _ = run
+  workdir = tmp_path / "w"
+  shutil.copytree(source, workdir)
+  cfg = load_config("quickstart", "runlocal=true")
+  cfg.finetune.mark_close, cfg.eval.checkpoint = 0.2, "none"
+  dataset = data.load_dataset(workdir)
+  lm = workdir_model.load_model(cfg, workdir, dataset)
+  examples = train_stage.eval_examples(cfg, workdir, dataset, lm, "test", 6, "first")
+  result = history.take(history.load(workdir / "retrieval" / "test.npz"), np.arange(6))
+  close = render.close_option(cfg.finetune, np.load(workdir / "embeddings" / "mixed.npy"))
+  marks = render.close_marks(close, result["history"], result["target"])
+  tokenizer = tokenizer_lib.load(workdir / "model_tiny")
+  star = tokenizer.convert_tokens_to_ids("*")
+  # Each prompt holds the target's six *** marks plus one "*" per marked listed item.
+  got = [int((np.asarray(ids) == star).sum()) - 6 for ids in examples["input_ids"]]
+  assert got == marks.sum(axis=1).tolist() and sum(got) > 0
+  assert pipeline.run(cfg, workdir, stages=["evaluate"]) == {"evaluate": "ran"}
+  table = json.loads((workdir / "eval" / "none" / "test_baselines.json").read_text())
+  assert {"user_close_mean_rating", "logistic_regression_all"} <= set(table)

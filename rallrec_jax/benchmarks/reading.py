@@ -2,7 +2,8 @@
 
 The fine-tuned model's logit log(p / (1 - p)) is fitted by least squares on the prompt's stated
 features (`features`: the target's like-rate when the prompt states it, the K shown ratings by
-position, which of the K slots are filled) on one split, the validation split in `read`. On each
+position, which of the K slots are filled, and which are marked close to the target when the
+prompt marks them) on one split, the validation split in `read`. On each
 split the AUCs of the logit, of its fitted linear part and of the rest tell whether the model
 adds anything to a linear reading of its prompt or only noise; the share of the rest's variance
 that lies between target items and between users says where that rest comes from (chance is
@@ -20,13 +21,18 @@ from rallrec_jax.retrieval import history
 EPS = 1e-6
 
 
-def features(dataset, result, split, samples, like_rate=True):
+def features(dataset, result, split, samples, like_rate=True, close=None):
   """[N, F] stated features of a split's samples: like-rate (if `like_rate`), then the K shown
-  ratings by position (0 where a slot is empty), then K filled flags."""
-  ratings = render.history_ratings(dataset, split, history.take(result, samples))
-  columns = [np.nan_to_num(ratings, nan=0.0), (~np.isnan(ratings)).astype(np.float64)]
+  ratings by position (0 where a slot is empty), then K filled flags, then (with `close`,
+  `render.close_option`) K close marks and the K shown ratings of the marked slots."""
+  rows = history.take(result, samples)
+  ratings = np.nan_to_num(render.history_ratings(dataset, split, rows), nan=0.0)
+  columns = [ratings, (np.asarray(rows["history"]) >= 0).astype(np.float64)]
   if like_rate:
     columns.insert(0, item_stats.target_rates(dataset, split, samples)[:, None])
+  if close is not None:
+    marks = render.close_marks(close, rows["history"], rows["target"])
+    columns += [marks.astype(np.float64), ratings * marks]
   return np.concatenate(columns, axis=1)
 
 
@@ -81,7 +87,10 @@ def read(workdir, checkpoint="best", fit_split="valid", splits=("valid", "test")
     result = history.load(workdir / "retrieval" / f"{split}.npz")
     p = np.clip(run.score, EPS, 1 - EPS)
     like_rate = bool(run.config.get("finetune.item_stats", False))
-    loaded[split] = (features(dataset, result, split, run.sample, like_rate), np.log(p / (1 - p)),
+    close = render.close_option({"mark_close": run.config.get("finetune.mark_close", 0.0)},
+                                np.load(workdir / "embeddings" / "mixed.npy"))
+    loaded[split] = (features(dataset, result, split, run.sample, like_rate, close),
+                     np.log(p / (1 - p)),
                      run.label, {"target": dataset.splits[split].target[run.sample],
                                  "user": dataset.splits[split].user[run.sample]})
   weights = fit_linear(*loaded[fit_split][:2])

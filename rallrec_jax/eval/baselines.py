@@ -19,6 +19,9 @@ A run whose prompts state more (`EXTRA`) is compared with baselines that read it
                              genre with the target; the global train mean rating when none do
   item_popularity_level      (`finetune.item_popularity`) the target's popularity level (0-9) as
                              the prompt states it
+  user_close_mean_rating     (`finetune.mark_close`) the mean rating of the shown items the
+                             prompt marks as close to the target; the global train mean rating
+                             when it marks none
   logistic_regression_all    the regression on the three features and all of these
 
 The history features count every retrieved item, including any a prompt dropped to fit
@@ -51,12 +54,14 @@ TITLES = {"item_like_rate": "item like-rate", "user_like_rate": "user like-rate"
           "user_lifetime_mean_rating": "user mean rating (all earlier ratings)",
           "user_genre_mean_rating": "user mean rating (shown items of the target's genres)",
           "item_popularity_level": "item popularity level",
+          "user_close_mean_rating": "user mean rating (shown items marked close)",
           "logistic_regression_all": "logistic regression on every feature above"}
 PROBABILITIES = ("item_like_rate", "user_like_rate", "logistic_regression",
                  "user_lifetime_like_rate", "logistic_regression_all")
 # finetune wording key -> the baseline features it adds (`_extra_features`).
 EXTRA = {"user_lifetime_stats": ("user_lifetime_like_rate", "user_lifetime_mean_rating"),
-         "genres": ("user_genre_mean_rating",), "item_popularity": ("item_popularity_level",)}
+         "genres": ("user_genre_mean_rating",), "item_popularity": ("item_popularity_level",),
+         "mark_close": ("user_close_mean_rating",)}
 SUFFIX = results.BASELINES_SUFFIX  # eval/{checkpoint}/{split}_baselines.json
 _EXTRA_ONLY = {n for ns in EXTRA.values() for n in ns} | {"logistic_regression_all"}
 
@@ -81,6 +86,7 @@ class Fitted:
   model: object            # sklearn pipeline: StandardScaler, LogisticRegression
   extra: tuple = ()         # EXTRA keys whose features join the baselines
   extra_model: object = None  # the regression on the three features and the extra ones
+  close: tuple = None       # `render.close_option` of the run's prompts (for mark_close)
 
   def item_rate(self, items):
     """Smoothed train like-rate of each item."""
@@ -136,6 +142,12 @@ def _extra_features(fitted, dataset, split, rows):
   if "item_popularity" in fitted.extra:
     out["item_popularity_level"] = item_stats.popularity_levels(
         dataset, split, rows["sample"]).astype(np.float64)
+  if "mark_close" in fitted.extra:
+    marked = render.close_marks(fitted.close, rows["history"], rows["target"])
+    ratings = np.nan_to_num(render.history_ratings(dataset, split, rows))
+    count = marked.sum(axis=1)
+    out["user_close_mean_rating"] = np.where(
+        count > 0, (ratings * marked).sum(axis=1) / np.maximum(count, 1), fitted.mean_rating)
   return out
 
 
@@ -144,9 +156,12 @@ def _regression(features, y):
   return model.fit(np.stack(features, axis=1), y.astype(np.int64))
 
 
-def fit(dataset, train_result, fit_samples=FIT_SAMPLES, seed=SEED, extra=()):
+def fit(dataset, train_result, fit_samples=FIT_SAMPLES, seed=SEED, extra=(), close=None):
   """Fitted baselines from the train split's samples and its retrieval result; `extra` (EXTRA
-  keys, the wording keys a run's prompts use) adds their features and a regression on all."""
+  keys, the wording keys a run's prompts use) adds their features and a regression on all;
+  "mark_close" among them needs the prompts' `close` (`render.close_option`)."""
+  if "mark_close" in extra and close is None:
+    raise ValueError("the mark_close baseline needs the prompts' close option (vectors, threshold)")
   train = dataset.splits["train"]
   label = train.label.astype(np.float64)
   likes, count, like_rate = item_stats.train_counts(dataset)
@@ -157,7 +172,7 @@ def fit(dataset, train_result, fit_samples=FIT_SAMPLES, seed=SEED, extra=()):
   item = item_stats.smoothed(likes[target] - y, count[target] - 1, like_rate)
   user = _history_features(dataset, "train", rows, like_rate, mean_rating, threshold)
   fitted = Fitted(likes, count, like_rate, mean_rating, threshold, _regression([item, *user], y),
-                  tuple(k for k in EXTRA if k in extra))
+                  tuple(k for k in EXTRA if k in extra), close=close)
   if fitted.extra:
     more = _extra_features(fitted, dataset, "train", rows)
     fitted.extra_model = _regression([item, *user, *more.values()], y)

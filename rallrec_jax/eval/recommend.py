@@ -201,6 +201,7 @@ class Recommender:
     result = history.retrieve_configured(dataset, SPLIT, self.vectors, r, cfg.data.max_history)
     return render.build_examples(dataset, result, self.lm.tokenizer, split=SPLIT, labels=False,
                                  max_length=cfg.finetune.max_length, order=r.order,
+                                 close=render.close_option(cfg.finetune, self.vectors),
                                  **render.wording(cfg.finetune))
 
   def score_pairs(self, users, items, progress=True):

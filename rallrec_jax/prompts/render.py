@@ -19,12 +19,33 @@ DROP = {"simple": "first", "sequential": "first", "fusion": "first", "high": "la
         "rerank": "last"}
 # The finetune keys that decide a prompt's wording beyond the paper's (`build_examples`).
 WORDING = ("item_stats", "user_stats", "user_lifetime_stats", "genres", "item_popularity")
+MARK = " *"  # follows the title of a listed item close to the target (`close_marks`)
 
 
 def wording(finetune):
   """{key: bool} of the WORDING keys of a finetune config section (a ConfigDict or a dict read
   from a workdir's config.json, where keys added later are absent: False)."""
   return {key: bool(finetune.get(key, False)) for key in WORDING}
+
+
+def close_option(finetune, vectors):
+  """`build_examples`' `close` of a finetune config section (a ConfigDict or a dict read from
+  a workdir's config.json): (unit-length mixed vectors, finetune.mark_close), or None when it
+  is 0 or absent."""
+  threshold = float(finetune.get("mark_close", 0.0) or 0.0)
+  if threshold <= 0:
+    return None
+  vectors = np.asarray(vectors, np.float64)
+  return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12), threshold
+
+
+def close_marks(close, history_items, targets):
+  """[N, K] bool: which listed items (-1: none) have a cosine to their row's target above the
+  threshold of `close` = (unit vectors, threshold)."""
+  unit, threshold = close
+  items = np.asarray(history_items, np.int64)
+  cosine = np.einsum("nkd,nd->nk", unit[np.maximum(items, 0)], unit[np.asarray(targets)])
+  return (items >= 0) & (cosine > threshold)
 
 
 def titled(item, genres=False):
@@ -139,7 +160,7 @@ def history_ratings(dataset, split, result):
 
 def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length=1024,
                    order="rerank", item_stats=False, user_stats=False,
-                   user_lifetime_stats=False, genres=False, item_popularity=False):
+                   user_lifetime_stats=False, genres=False, item_popularity=False, close=None):
   """Token ids and loss masks of every sample of a `retrieve` result, in its row order.
 
   labels=True appends each sample's answer (training); False leaves the prompt open for
@@ -148,7 +169,8 @@ def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length
   `item_popularity` with its popularity level (`rallrec_jax.prompts.item_stats`); `user_stats`
   follows the history with the user's like count and mean rating over the items kept
   (`templates.history_summary`); `user_lifetime_stats` adds the like-rate and mean rating over
-  every earlier rating (`user_lifetime`); `genres` names every item with its genres (`titled`).
+  every earlier rating (`user_lifetime`); `genres` names every item with its genres (`titled`);
+  `close` (`close_option`) follows the title of each listed item close to the target with MARK.
   Returns input_ids and loss_mask (lists of int32 arrays), label (int8 [N]), sample (index in the
   split [N]) and kept (history items in each prompt [N]).
   """
@@ -164,11 +186,13 @@ def build_examples(dataset, result, tokenizer, *, split, labels=True, max_length
   threshold = float(dataset.meta["label_threshold"]) if user_stats else None
   lifetime = (user_lifetime.counts(dataset, split, sample, float(dataset.meta["label_threshold"]))
               if user_lifetime_stats else None)
+  marks = (close_marks(close, result["history"], result["target"]) if close is not None
+           else np.zeros(np.shape(result["history"]), bool))
   out = {"input_ids": [], "loss_mask": [], "kept": []}
   for i, (user, target, hist) in enumerate(zip(result["user"], result["target"],
                                                result["history"])):
-    pairs = [(titled(dataset.items[item], genres), rating)
-             for item, rating in zip(hist, ratings[i]) if item >= 0]
+    pairs = [(titled(dataset.items[item], genres) + (MARK if marked else ""), rating)
+             for item, rating, marked in zip(hist, ratings[i], marks[i]) if item >= 0]
     title = titled(dataset.items[target], genres)
     if phrases:
       title = f"{title} ({phrases[i]})"

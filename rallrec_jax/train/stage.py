@@ -57,7 +57,8 @@ def with_unrated(cfg, dataset, tokenizer, vectors, pairs, examples):
              for order in {o for o, _ in copied}}
   extra = build_examples(dataset, tokenizer, unrated.SPLIT, results,
                          [(o, row) for row, (o, _) in enumerate(copied)],
-                         labels=f.loss == "lm", max_length=f.max_length, **render.wording(f))
+                         labels=f.loss == "lm", max_length=f.max_length,
+                         close=render.close_option(f, vectors), **render.wording(f))
   log.info("finetune: %d prompts and %d unrated negatives", len(pairs), len(copied))
   return {"input_ids": examples["input_ids"] + extra["input_ids"],
           "loss_mask": examples["loss_mask"] + extra["loss_mask"],
@@ -71,8 +72,10 @@ def eval_examples(cfg, workdir, dataset, lm, split, limit, which):
   result = history.load(Path(workdir) / "retrieval" / f"{split}.npz")
   rows = evaluate.capped_rows(len(result["sample"]), limit, which)
   pairs = [(cfg.retrieval.order, int(s)) for s in result["sample"][rows]]
+  vectors = np.load(Path(workdir) / "embeddings" / "mixed.npy")
   return build_examples(dataset, lm.tokenizer, split, {cfg.retrieval.order: result}, pairs,
                         labels=False, max_length=cfg.finetune.max_length,
+                        close=render.close_option(cfg.finetune, vectors),
                         **render.wording(cfg.finetune))
 
 
@@ -109,7 +112,7 @@ def finetune(cfg, workdir):
   pairs = sets.training_set(f.variant, pool, results, order=r.order, mixed_size=f.mixed_size)
   examples = build_examples(dataset, lm.tokenizer, "train", results, pairs,
                             labels=f.loss == "lm", max_length=f.max_length,
-                            **render.wording(f))
+                            close=render.close_option(f, vectors), **render.wording(f))
   examples = with_unrated(cfg, dataset, lm.tokenizer, vectors, pairs, examples)
   valid = eval_examples(cfg, workdir, dataset, lm, "valid", f.eval_samples, f.eval_rows)
   yes, no = lm.yes_no_tokens()
