@@ -193,8 +193,9 @@ class Decoder(nn.Module):
     """Final normed hidden states [B, T, embed] and the updated cache (None without one).
 
     `last_only` returns the last position's alone, [B, 1, embed], computing the last layer
-    for that position only: all that a left-padded batch's Yes/No score or answer loss reads,
-    for about half the work of a 2-layer decoder.
+    for that position only: all that a left-padded batch's Yes/No score or answer loss reads.
+    XLA on the CPU already prunes the rest of the last layer from a slice of the output; a
+    fused attention kernel (cuDNN) hides it from the compiler, so the model does it here.
     """
     if last_only and cache is not None:
       raise ValueError("last_only runs without a KV cache (it would fill only the last slot)")
