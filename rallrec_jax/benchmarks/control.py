@@ -219,10 +219,10 @@ def _prompts(dataset, tokenizer, workdir, split, samples, cfg):
   as the workdir's fine-tune words them (`render.WORDING`)."""
   result = history.take(history.load(Path(workdir) / "retrieval" / f"{split}.npz"), samples)
   f = cfg["finetune"]
-  vectors = np.load(Path(workdir) / "embeddings" / "mixed.npy")
+  close = render.close_option(f, Path(workdir) / "embeddings" / "mixed.npy")
   return render.build_examples(dataset, result, tokenizer, split=split, labels=False,
                                max_length=f["max_length"], order=cfg["retrieval"]["order"],
-                               close=render.close_option(f, vectors), **render.wording(f))
+                               close=close, **render.wording(f))
 
 
 def _workdir_config(workdir):

@@ -81,14 +81,15 @@ def read(workdir, checkpoint="best", fit_split="valid", splits=("valid", "test")
       raise FileNotFoundError(f"{path}: no predictions; run the evaluate stage with "
                               f"eval.checkpoint={checkpoint} and {split} in eval.splits")
   dataset = data.load_dataset(workdir)
+  runs = {split: report.load_run(workdir, split, checkpoint) for split in names}
+  wording = runs[fit_split].config  # one workdir, one fine-tune: the same prompts on every split
+  like_rate = bool(wording.get("finetune.item_stats", False))
+  close = render.close_option({"mark_close": wording.get("finetune.mark_close", 0.0)},
+                              workdir / "embeddings" / "mixed.npy")
   loaded = {}
-  for split in names:
-    run = report.load_run(workdir, split, checkpoint)
+  for split, run in runs.items():
     result = history.load(workdir / "retrieval" / f"{split}.npz")
     p = np.clip(run.score, EPS, 1 - EPS)
-    like_rate = bool(run.config.get("finetune.item_stats", False))
-    close = render.close_option({"mark_close": run.config.get("finetune.mark_close", 0.0)},
-                                np.load(workdir / "embeddings" / "mixed.npy"))
     loaded[split] = (features(dataset, result, split, run.sample, like_rate, close),
                      np.log(p / (1 - p)),
                      run.label, {"target": dataset.splits[split].target[run.sample],

@@ -114,19 +114,23 @@ def _lifetime_features(dataset, split, samples, like_rate, mean_rating, threshol
           np.where(some, np.nan_to_num(mean), mean_rating))
 
 
-def _genre_mean(dataset, split, rows, mean_rating):
-  """[N] mean rating of each row's shown items that share a genre with its target."""
+def _genre_shared(dataset, rows):
+  """[N, K] bool: which shown items share a genre with their row's target."""
   names = sorted({g for item in dataset.items for g in item.get("genres", [])})
   index = {g: j for j, g in enumerate(names)}
   member = np.zeros((dataset.num_items, max(len(names), 1)), bool)
   for i, item in enumerate(dataset.items):
     member[i, [index[g] for g in item.get("genres", [])]] = True
   history_items = np.asarray(rows["history"], np.int64)
+  return (history_items >= 0) & (member[np.maximum(history_items, 0)]
+                                 & member[np.asarray(rows["target"])][:, None, :]).any(-1)
+
+
+def _mean_rating_of(dataset, split, rows, chosen, mean_rating):
+  """[N] mean rating of each row's shown items where `chosen` [N, K]; `mean_rating` where none."""
   ratings = render.history_ratings(dataset, split, rows)
-  shared = (history_items >= 0) & (member[np.maximum(history_items, 0)]
-                                   & member[np.asarray(rows["target"])][:, None, :]).any(-1)
-  count = shared.sum(axis=1)
-  total = np.where(shared, np.nan_to_num(ratings), 0.0).sum(axis=1)
+  count = chosen.sum(axis=1)
+  total = np.where(chosen, np.nan_to_num(ratings), 0.0).sum(axis=1)
   return np.where(count > 0, total / np.maximum(count, 1), mean_rating)
 
 
@@ -138,16 +142,16 @@ def _extra_features(fitted, dataset, split, rows):
                                     fitted.mean_rating, fitted.threshold)
     out.update(user_lifetime_like_rate=rate, user_lifetime_mean_rating=mean)
   if "genres" in fitted.extra:
-    out["user_genre_mean_rating"] = _genre_mean(dataset, split, rows, fitted.mean_rating)
+    out["user_genre_mean_rating"] = _mean_rating_of(dataset, split, rows,
+                                                    _genre_shared(dataset, rows),
+                                                    fitted.mean_rating)
   if "item_popularity" in fitted.extra:
     out["item_popularity_level"] = item_stats.popularity_levels(
         dataset, split, rows["sample"]).astype(np.float64)
   if "mark_close" in fitted.extra:
-    marked = render.close_marks(fitted.close, rows["history"], rows["target"])
-    ratings = np.nan_to_num(render.history_ratings(dataset, split, rows))
-    count = marked.sum(axis=1)
-    out["user_close_mean_rating"] = np.where(
-        count > 0, (ratings * marked).sum(axis=1) / np.maximum(count, 1), fitted.mean_rating)
+    out["user_close_mean_rating"] = _mean_rating_of(
+        dataset, split, rows, render.close_marks(fitted.close, rows["history"], rows["target"]),
+        fitted.mean_rating)
   return out
 
 

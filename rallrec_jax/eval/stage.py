@@ -4,8 +4,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from rallrec_jax import atomic, data, distributed, stage, workdir_model
 from rallrec_jax.eval import baselines, evaluate, metrics, recommend
 from rallrec_jax.eval import results as results_lib
@@ -46,10 +44,12 @@ def evaluate_stage(cfg, workdir):
   workdir = Path(workdir)
   dataset = data.load_dataset(workdir)
   primary = distributed.is_primary()
-  close = render.close_option(cfg.finetune, np.load(workdir / "embeddings" / "mixed.npy"))
+  close = render.close_option(cfg.finetune, workdir / "embeddings" / "mixed.npy")
   extra = [k for k, on in render.wording(cfg.finetune).items() if on]
+  if close is not None:
+    extra.append("mark_close")
   fitted = (baselines.fit(dataset, history.load(workdir / "retrieval" / "train.npz"),
-                          extra=extra + ["mark_close"] * (close is not None), close=close)
+                          extra=extra, close=close)
             if primary else None)
   lm = workdir_model.load_model(cfg, workdir, dataset)
   yes, no = lm.yes_no_tokens()

@@ -13,8 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-EMBEDDING = ("embed_tokens", "embedding")  # the path of the rows in the decoder's params
-
 
 def tokens(tokenizer, low, high):
   """(ids, positions in [0, 1]) of the numbers low..high that are single tokens of the
@@ -53,22 +51,11 @@ def keep_on_line(ids, positions):
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("keep_on_line needs the params")
-    rows = params
-    for key in EMBEDDING:
-      rows = rows[key]
-    rows = rows[ids].astype(jnp.float32)
-    moved = updates
-    for key in EMBEDDING:
-      moved = moved[key]
+    rows = params["embed_tokens"]["embedding"][ids].astype(jnp.float32)
+    moved = updates["embed_tokens"]["embedding"]
     new = hat @ (rows + moved[ids].astype(jnp.float32)) - rows
-    return _replace(updates, moved.at[ids].set(new.astype(moved.dtype))), state
+    embed = {**updates["embed_tokens"], "embedding": moved.at[ids].set(new.astype(moved.dtype))}
+    return {**updates, "embed_tokens": embed}, state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
-
-
-def _replace(tree, leaf):
-  """`tree` (nested dicts) with the leaf at EMBEDDING replaced."""
-  out = dict(tree)
-  out[EMBEDDING[0]] = {**tree[EMBEDDING[0]], EMBEDDING[1]: leaf}
-  return out
 

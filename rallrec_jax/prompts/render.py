@@ -31,11 +31,13 @@ def wording(finetune):
 def close_option(finetune, vectors):
   """`build_examples`' `close` of a finetune config section (a ConfigDict or a dict read from
   a workdir's config.json): (unit-length mixed vectors, finetune.mark_close), or None when it
-  is 0 or absent."""
+  is 0 or absent. `vectors` is the array or the .npy file holding it, read only when marks
+  are on."""
   threshold = float(finetune.get("mark_close", 0.0) or 0.0)
   if threshold <= 0:
     return None
-  vectors = np.asarray(vectors, np.float64)
+  vectors = np.asarray(vectors if isinstance(vectors, np.ndarray) else np.load(vectors),
+                       np.float64)
   return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12), threshold
 
 

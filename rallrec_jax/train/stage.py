@@ -72,10 +72,10 @@ def eval_examples(cfg, workdir, dataset, lm, split, limit, which):
   result = history.load(Path(workdir) / "retrieval" / f"{split}.npz")
   rows = evaluate.capped_rows(len(result["sample"]), limit, which)
   pairs = [(cfg.retrieval.order, int(s)) for s in result["sample"][rows]]
-  vectors = np.load(Path(workdir) / "embeddings" / "mixed.npy")
   return build_examples(dataset, lm.tokenizer, split, {cfg.retrieval.order: result}, pairs,
                         labels=False, max_length=cfg.finetune.max_length,
-                        close=render.close_option(cfg.finetune, vectors),
+                        close=render.close_option(cfg.finetune,
+                                                  Path(workdir) / "embeddings" / "mixed.npy"),
                         **render.wording(cfg.finetune))
 
 
