@@ -78,7 +78,9 @@ def base_config():
   m.dtype = "float32"         # compute dtype; bfloat16 on accelerators
   m.param_dtype = ""          # "" = same as dtype
   m.remat = "none"            # none | full | dots
-  m.attention = ""            # xla | cudnn (flash); "": cudnn for 16-bit prefill on NVIDIA GPUs
+  # xla | cudnn (flash) | blocked (XLA's in causal blocks of queries); "": cudnn for 16-bit
+  # prefill on NVIDIA GPUs, blocked without a KV cache on a CPU, else xla.
+  m.attention = ""
   m.scan_layers = "auto"      # auto | true | false: the layers as one scan; auto: 5+ layers,
                               # unrolled in 16-bit compute on a CPU
   m.mesh = (("data", -1),)    # (axis, size) pairs over data / fsdp / tensor, one -1
@@ -443,8 +445,8 @@ def _validate_model(m):
          f"{m.param_dtype!r} is not one of {DTYPES} or ''")
   _check(m.remat in ("none", "full", "dots"), "model.remat",
          f"{m.remat!r} is not one of none, full, dots")
-  _check(m.attention in ("", "xla", "cudnn"), "model.attention",
-         f"{m.attention!r} is not one of '' (automatic), xla, cudnn")
+  _check(m.attention in ("", "xla", "cudnn", "blocked"), "model.attention",
+         f"{m.attention!r} is not one of '' (automatic), xla, cudnn, blocked")
   _check(m.scan_layers in ("auto", "true", "false"), "model.scan_layers",
          f"{m.scan_layers!r} is not one of auto, true, false")
   try:

@@ -12,6 +12,7 @@ from safetensors import numpy as safetensors_numpy
 from rallrec_jax import parallel
 from rallrec_jax.llm import LMConfig, load_pretrained
 from rallrec_jax.llm import generate, hf_io, lora, matmul, tiny
+from rallrec_jax.llm import model as model_lib
 from rallrec_jax.llm.model import Decoder, abstract_params, stack_layers
 from tests.llm_fixtures import init_params, random_batch, tiny_hf_model
 
@@ -294,3 +295,46 @@ def test_16_bit_matmul_runs_every_dot_on_16_bit_inputs_with_float32_accumulation
     assert [v.aval.dtype for v in eq.invars] == [jnp.bfloat16, jnp.bfloat16]
     assert eq.outvars[0].aval.dtype == jnp.float32
 
+
+
+def test_causal_blocks_equal_whole_attention_values_and_gradients():
+  """Causal blocks of queries against the keys up to each block's end: the same outputs and
+  gradients as XLA's kernel over the whole score matrix (left padding, GQA, a ragged last
+  block)."""
+  rng = np.random.default_rng(0)
+  b, t, h, k, d = 3, 45, 4, 2, 8
+  q, key, value = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, k, k))
+  lengths = np.array([45, 30, 7])
+  real = np.arange(t)[None, :] >= (t - lengths)[:, None]
+  slots = np.arange(t)
+  mask = jnp.asarray(((slots[None, :] <= slots[:, None])[None] & real[:, None, :])
+                     | np.eye(t, dtype=bool)[None])[:, None]
+  weights = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+
+  def loss(attend, q, key, value):
+    out = attend(q, key, value, mask=mask)
+    return jnp.sum(jnp.sin(out) * weights), out
+
+  whole = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+  for block in (8, 16, 32):
+    attend = functools.partial(model_lib.causal_blocks, block=block)
+    (_, got), got_grads = jax.value_and_grad(functools.partial(loss, attend), (0, 1, 2),
+                                             has_aux=True)(q, key, value)
+    (_, want), want_grads = jax.value_and_grad(functools.partial(loss, whole), (0, 1, 2),
+                                               has_aux=True)(q, key, value)
+    _close(got, want, 1e-5)
+    _close(got_grads, want_grads, 1e-5)
+  with pytest.raises(ValueError, match="without a cache"):
+    model_lib.causal_blocks(q[:, -1:], key, value, mask[:, :, -1:])
+
+
+def test_automatic_attention_runs_causal_blocks_on_the_cpu_where_they_apply():
+  cfg = dataclasses.replace(DEEP, attention="")
+  q = jnp.zeros((2, model_lib.CAUSAL_BLOCK + 1, cfg.num_heads, cfg.head_dim))
+  assert jax.default_backend() == "cpu"
+  assert model_lib._implementation(cfg, q, None, False) == "blocked"
+  assert model_lib._implementation(cfg, q, {"k": None}, False) == "xla"   # a KV cache
+  assert model_lib._implementation(cfg, q, None, True) == "xla"           # last position only
+  assert model_lib._implementation(cfg, q[:, :model_lib.CAUSAL_BLOCK], None, False) == "xla"
+  xla = dataclasses.replace(cfg, attention="xla")
+  assert model_lib._implementation(xla, q, None, False) == "xla"

@@ -7,7 +7,7 @@ import jax
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("", "xla", "cudnn")
+ATTENTION_IMPLS = ("", "xla", "cudnn", "blocked")
 SCAN_LAYERS = ("auto", "true", "false")
 SCAN_AUTO_MIN_LAYERS = 5  # "auto" scans stacks of at least this many layers
 
@@ -38,7 +38,7 @@ class LMConfig:
   dtype: str = "float32"            # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"               # none | full | dots (save matmul outputs)
-  attention: str = ""               # xla | cudnn; "": cudnn for 16-bit prefill on NVIDIA GPUs
+  attention: str = ""               # xla | cudnn | blocked; "": automatic (model._implementation)
   nvidia_gpu: bool = False          # the model runs on NVIDIA GPUs (set at load, for attention="")
   scan_layers: str = "auto"         # auto | true | false: the layers as one scan (see `scanned`)
 
