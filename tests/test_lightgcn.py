@@ -200,3 +200,34 @@ def test_checkpoint_resume_equals_uninterrupted_run(tmp_path, caplog):
   for got, want in zip(resumed_history, whole_history):
     assert {key: v for key, v in got.items() if key != "seconds"} == pytest.approx(
         {key: v for key, v in want.items() if key != "seconds"})
+
+
+def test_a_kill_between_checkpoints_repeats_only_the_epochs_since_the_last(tmp_path, caplog,
+                                                                          monkeypatch):
+  """With save_every=2 a run killed in epoch 4 resumes from epoch 2 and ends equal to an
+  uninterrupted run, each epoch logged once."""
+  rng = np.random.default_rng(4)
+  user, item = _random_pairs(rng, 20, 30, 160)
+  kwargs = dict(num_users=20, num_items=30, dim=8, num_layers=2, batch_size=32, seed=5,
+                eval_pairs=_random_pairs(rng, 20, 30, 40), k=5, progress=False)
+  saved = dict(checkpoint_dir=tmp_path / "checkpoints", metrics_path=tmp_path / "metrics.jsonl",
+               save_every=2)
+  calls, recall_ndcg = [], lightgcn.recall_ndcg
+
+  def killed_in_epoch_4(*args):
+    calls.append(1)
+    if len(calls) == 4:
+      raise KeyboardInterrupt
+    return recall_ndcg(*args)
+
+  monkeypatch.setattr(lightgcn, "recall_ndcg", killed_in_epoch_4)
+  with pytest.raises(KeyboardInterrupt):
+    lightgcn.train(user, item, epochs=5, **saved, **kwargs)
+  monkeypatch.setattr(lightgcn, "recall_ndcg", recall_ndcg)
+  with caplog.at_level(logging.INFO, logger="rallrec_jax"):
+    resumed, history = lightgcn.train(user, item, epochs=5, **saved, **kwargs)
+  assert "at step 2 " in caplog.text
+  whole, whole_history = lightgcn.train(user, item, epochs=5, **kwargs)
+  np.testing.assert_array_equal(resumed["item"], whole["item"])
+  assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+  assert [h["ndcg@5"] for h in history] == pytest.approx([h["ndcg@5"] for h in whole_history])

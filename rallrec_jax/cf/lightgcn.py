@@ -286,14 +286,14 @@ def _held_out(train_pos, eval_pairs, num_users, num_items):
 
 def train(user, item, num_users, num_items, *, dim=128, num_layers=3, lr=1e-3, l2=1e-4,
           batch_size=2048, epochs=20, seed=0, eval_pairs=None, k=20, eval_every=1,
-          checkpoint_dir=None, metrics_path=None, progress=True):
+          checkpoint_dir=None, save_every=1, metrics_path=None, progress=True):
   """Train LightGCN on the interactions; returns (params, history).
 
   `history` has one dict per epoch: epoch, loss (mean over batches), seconds (of training,
   evaluation excluded) and, on epochs that evaluate (every `eval_every`-th and the last),
   recall@k and ndcg@k on `eval_pairs` (user, item arrays). With `checkpoint_dir`, the state is
-  saved after each epoch and a later call resumes from there, its history read back from
-  `metrics_path` (one record per epoch). Each epoch draws its shuffle and negatives from
+  saved after every `save_every`-th epoch and the last, and a later call resumes from the
+  newest, its history read back from `metrics_path` (one record per epoch). Each epoch draws its shuffle and negatives from
   (seed, epoch), so a resumed run equals an uninterrupted one.
   """
   positives = positives_from_pairs(user, item, num_users, num_items)
@@ -319,8 +319,8 @@ def train(user, item, num_users, num_items, *, dim=128, num_layers=3, lr=1e-3, l
     return dict(zip((f"recall@{k}", f"ndcg@{k}"),
                     recall_ndcg(users, items, positives, eval_pairs, k)))
 
-  opts = loop.Options(steps=epochs, checkpoint_dir=checkpoint_dir, max_to_keep=1,
-                      eval_every=eval_every, metric=f"recall@{k}", metrics_path=metrics_path,
+  opts = loop.Options(steps=epochs, checkpoint_dir=checkpoint_dir, save_every=save_every,
+                      max_to_keep=1, eval_every=eval_every, metric=f"recall@{k}", metrics_path=metrics_path,
                       log_every=1, progress=progress, desc="lightgcn", unit="epoch")
   result = loop.fit(fresh, update, epochs_from, opts,
                     evaluate=None if eval_pairs is None else evaluate,
