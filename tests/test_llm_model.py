@@ -296,7 +296,6 @@ def test_16_bit_matmul_runs_every_dot_on_16_bit_inputs_with_float32_accumulation
     assert eq.outvars[0].aval.dtype == jnp.float32
 
 
-
 def test_causal_blocks_equal_whole_attention_values_and_gradients():
   """Causal blocks of queries against the keys up to each block's end: the same outputs and
   gradients as XLA's kernel over the whole score matrix (left padding, GQA, a ragged last
@@ -304,24 +303,22 @@ def test_causal_blocks_equal_whole_attention_values_and_gradients():
   rng = np.random.default_rng(0)
   b, t, h, k, d = 3, 45, 4, 2, 8
   q, key, value = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, k, k))
-  lengths = np.array([45, 30, 7])
-  real = np.arange(t)[None, :] >= (t - lengths)[:, None]
-  slots = np.arange(t)
-  mask = jnp.asarray(((slots[None, :] <= slots[:, None])[None] & real[:, None, :])
-                     | np.eye(t, dtype=bool)[None])[:, None]
+  real = np.arange(t)[None, :] >= (t - np.array([45, 30, 7]))[:, None]   # left padding
+  mask = model_lib._mask(jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.asarray(real))
   weights = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
 
   def loss(attend, q, key, value):
     out = attend(q, key, value, mask=mask)
     return jnp.sum(jnp.sin(out) * weights), out
 
-  whole = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+  def run(attend):
+    return jax.value_and_grad(functools.partial(loss, attend), (0, 1, 2), has_aux=True)(
+        q, key, value)
+
+  (_, want), want_grads = run(functools.partial(jax.nn.dot_product_attention,
+                                                implementation="xla"))
   for block in (8, 16, 32):
-    attend = functools.partial(model_lib.causal_blocks, block=block)
-    (_, got), got_grads = jax.value_and_grad(functools.partial(loss, attend), (0, 1, 2),
-                                             has_aux=True)(q, key, value)
-    (_, want), want_grads = jax.value_and_grad(functools.partial(loss, whole), (0, 1, 2),
-                                               has_aux=True)(q, key, value)
+    (_, got), got_grads = run(functools.partial(model_lib.causal_blocks, block=block))
     _close(got, want, 1e-5)
     _close(got_grads, want_grads, 1e-5)
   with pytest.raises(ValueError, match="without a cache"):

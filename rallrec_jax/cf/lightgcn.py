@@ -293,8 +293,8 @@ def train(user, item, num_users, num_items, *, dim=128, num_layers=3, lr=1e-3, l
   evaluation excluded) and, on epochs that evaluate (every `eval_every`-th and the last),
   recall@k and ndcg@k on `eval_pairs` (user, item arrays). With `checkpoint_dir`, the state is
   saved after every `save_every`-th epoch and the last, and a later call resumes from the
-  newest, its history read back from `metrics_path` (one record per epoch). Each epoch draws its shuffle and negatives from
-  (seed, epoch), so a resumed run equals an uninterrupted one.
+  newest, its history read back from `metrics_path` (one record per epoch). Each epoch draws
+  its shuffle and negatives from (seed, epoch), so a resumed run equals an uninterrupted one.
   """
   positives = positives_from_pairs(user, item, num_users, num_items)
   graph = build_graph(*positives.pairs(), num_users, num_items)
@@ -320,8 +320,9 @@ def train(user, item, num_users, num_items, *, dim=128, num_layers=3, lr=1e-3, l
                     recall_ndcg(users, items, positives, eval_pairs, k)))
 
   opts = loop.Options(steps=epochs, checkpoint_dir=checkpoint_dir, save_every=save_every,
-                      max_to_keep=1, eval_every=eval_every, metric=f"recall@{k}", metrics_path=metrics_path,
-                      log_every=1, progress=progress, desc="lightgcn", unit="epoch")
+                      max_to_keep=1, eval_every=eval_every, metric=f"recall@{k}",
+                      metrics_path=metrics_path, log_every=1, progress=progress,
+                      desc="lightgcn", unit="epoch")
   result = loop.fit(fresh, update, epochs_from, opts,
                     evaluate=None if eval_pairs is None else evaluate,
                     record=lambda step, batches, seconds: {"seconds": seconds})
